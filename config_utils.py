@@ -1,0 +1,180 @@
+"""Dict configs overridable from the command line.
+
+Each script defines its defaults as a (possibly nested) dict. Nested keys are flattened with
+`_` ({"optimizer": {"lr": 1e-4}} becomes `optimizer_lr`) and any key can be overridden:
+
+    python train_trainer.py --learning_rate=3e-4 --lora_r 16 num_train_epochs=2
+
+Values are parsed with `ast.literal_eval` (never `eval`) and must fit the default's type.
+"""
+import ast
+import difflib
+import sys
+
+
+class UserError(Exception):
+    """A mistake in what the user gave (config, data, paths): reported in one line, exit 2."""
+
+
+class ConfigError(UserError):
+    pass
+
+
+# Keys every script accepts: the DeepSpeed launcher appends --local_rank=N to the command line.
+ALWAYS_ACCEPTED = {"local_rank": -1}
+_BOOLS = {"true": True, "false": False}
+_NONE = {"none", "null"}
+
+
+def flatten(config, prefix=""):
+    flat = {}
+    for key, value in config.items():
+        name = f"{prefix}_{key}" if prefix else str(key)
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, name))
+        else:
+            flat[name] = value
+    return flat
+
+
+class Config:
+    """Flat config: attribute access (`cfg.lora_r`) plus `cfg["lora_r"]`, `cfg.get`, `cfg.to_dict()`."""
+
+    def __init__(self, values):
+        self.__dict__.update(values)
+
+    def __getitem__(self, key):
+        return self.__dict__[key]
+
+    def __contains__(self, key):
+        return key in self.__dict__
+
+    def get(self, key, default=None):
+        return self.__dict__.get(key, default)
+
+    def to_dict(self):
+        return dict(self.__dict__)
+
+    def __repr__(self):
+        return f"Config({self.__dict__!r})"
+
+
+def parse_value(text):
+    """Command-line text -> a Python value: bools in any case, None, numbers, lists/dicts; else str."""
+    low = text.strip().lower()
+    if low in _BOOLS:
+        return _BOOLS[low]
+    if low in _NONE:
+        return None
+    try:
+        return ast.literal_eval(text.strip())
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return text  # a plain string such as a path
+
+
+def _coerce(key, value, default, raw):
+    if default is None or value is None:
+        return value
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+    elif isinstance(default, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(default, str):
+        # A path or name that happens to look like a number stays the string the user typed.
+        return raw if not isinstance(value, str) else value
+    elif isinstance(default, (list, tuple)):
+        if isinstance(value, (list, tuple)):
+            return type(default)(value)
+        if isinstance(value, str):  # `--targets=q_proj,v_proj`
+            return type(default)(v.strip() for v in value.split(",") if v.strip())
+    elif isinstance(default, dict):
+        if isinstance(value, dict):
+            return value
+    raise ConfigError(
+        f"config key '{key}': {raw!r} is not a {type(default).__name__} (default {default!r})"
+    )
+
+
+class ConfigParser:
+    """`ConfigParser(defaults).parse_main(args=None)` -> Config of the flattened, overridden keys."""
+
+    def __init__(self, config_dict):
+        self.defaults = {**ALWAYS_ACCEPTED, **flatten(config_dict)}
+
+    def _split(self, args):
+        pairs, i = [], 0
+        while i < len(args):
+            arg = args[i]
+            if arg in ("-h", "--help"):
+                pairs.append(("help", None))
+                i += 1
+                continue
+            body = arg[2:] if arg.startswith("--") else arg
+            if "=" in body:
+                key, raw = body.split("=", 1)
+            elif arg.startswith("--"):
+                key = body
+                nxt = args[i + 1] if i + 1 < len(args) else None
+                if nxt is None or (nxt.startswith("--") and len(nxt) > 2 and not _is_number(nxt)):
+                    # A bare flag: `--overwrite` means True, only for boolean keys.
+                    if isinstance(self.defaults.get(key.replace("-", "_")), bool):
+                        raw = "True"
+                    else:
+                        raise ConfigError(f"config key '{key}' needs a value (--{key}=VALUE)")
+                else:
+                    raw = nxt
+                    i += 1
+            else:
+                raise ConfigError(f"cannot read argument {arg!r}: use --key=value, --key value or key=value")
+            pairs.append((key.replace("-", "_"), raw))
+            i += 1
+        return pairs
+
+    def parse_main(self, args=None):
+        args = sys.argv[1:] if args is None else list(args)
+        values = dict(self.defaults)
+        for key, raw in self._split(args):
+            if key == "help":
+                print(self.help_text())
+                raise SystemExit(0)
+            if key not in self.defaults:
+                close = difflib.get_close_matches(key, list(self.defaults), n=3, cutoff=0.5)
+                hint = f"; did you mean {', '.join(close)}?" if close else "; see --help"
+                raise ConfigError(f"unknown config key '{key}'{hint}")
+            values[key] = _coerce(key, parse_value(raw), self.defaults[key], raw)
+        return Config(values)
+
+    def help_text(self):
+        width = max(len(k) for k in self.defaults)
+        lines = ["Config keys (override with --key=value):"]
+        lines += [f"  --{k:<{width}}  {v!r}" for k, v in self.defaults.items()]
+        return "\n".join(lines)
+
+
+def _is_number(text):
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def parse_config(defaults, argv=None):
+    """Defaults dict or ready Config/dict of overrides -> Config. Tests pass a dict of overrides."""
+    if isinstance(argv, dict):
+        argv = [f"--{k}={v!r}" if not isinstance(v, str) else f"--{k}={v}" for k, v in argv.items()]
+    return ConfigParser(defaults).parse_main(argv)
+
+
+def run_cli(main):
+    """Run `main()` for a script: a UserError becomes one line on stderr and exit status 2."""
+    try:
+        return main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -1,0 +1,199 @@
+"""Instruction data for NER: the one prompt template, JSONL loading and the label-masking collator.
+
+Every script that builds a prompt (training, test, predict, chat) imports `build_prompt` from
+here, so the token ids a model sees at inference are exactly the prompt part of what it was
+trained on.
+"""
+import json
+import random
+from pathlib import Path
+
+import torch
+
+from config_utils import UserError
+
+# Chinese-Alpaca's template, as the seed trained with it. The only copy in the project.
+PROMPT_TEMPLATE = (
+    "Below is an instruction that describes a task. Write a response that appropriately "
+    "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response: "
+)
+PROMPT_ID = "chinese-alpaca-v1"  # saved beside every adapter so inference can check it
+
+# The seed's instruction for MSRA (the model is asked for people, places and organisations).
+DEFAULT_INSTRUCT = (
+    "你现在是一个实体识别模型，你需要提取文本里面的人名、地名、机构名，如果存在结果，"
+    "返回'实体_实体类型'，不同实体间用\\n分隔。如果没有结果，回答'没有'。"
+)
+QUERY_PREFIX = "文本："
+NO_ENTITY = "没有"  # the whole answer when a sentence has no entity
+# Tag type -> the Chinese name used in answers. process.py takes a different map as config.
+DEFAULT_LABEL_NAMES = {"PER": "人名", "LOC": "地名", "ORG": "机构名"}
+
+
+class DataError(UserError):
+    """Bad data file: the message starts with `path:line:`."""
+
+
+def build_prompt(instruct, query):
+    """The prompt for one example; the model's answer follows it directly."""
+    return PROMPT_TEMPLATE.format(instruction=f"{instruct}\n{query}")
+
+
+def encode_prompt(tokenizer, instruct, query):
+    """`[BOS] + prompt` token ids: what inference feeds the model, and the prompt part of a
+    training sequence (the collator builds its sequences with this same function)."""
+    return [tokenizer.bos_token_id] + tokenizer.encode(build_prompt(instruct, query), add_special_tokens=False)
+
+
+def format_answer(entities, label_names=None):
+    """[(entity, type), ...] -> the answer text: `实体_类型` lines, first appearance order, no duplicates."""
+    label_names = DEFAULT_LABEL_NAMES if label_names is None else label_names
+    seen, lines = set(), []
+    for entity, etype in entities:
+        if (entity, etype) in seen:
+            continue
+        seen.add((entity, etype))
+        lines.append(f"{entity}_{label_names[etype]}")
+    return "\n".join(lines) if lines else NO_ENTITY
+
+
+def load_data(path, columns=("instruct", "query", "answer"), allow_empty=False):
+    """Read instruct JSONL into a list of dicts; any bad line fails with `path:line: reason`.
+
+    Blank lines are skipped. Every record must hold each name in `columns` as a string.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    records = []
+    try:
+        with path.open(encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+                if not isinstance(rec, dict):
+                    raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+                for col in columns:
+                    if col not in rec:
+                        raise DataError(f"{path}:{lineno}: missing key '{col}' (keys: {sorted(rec)})")
+                    if not isinstance(rec[col], str):
+                        raise DataError(f"{path}:{lineno}: key '{col}' must be a string")
+                records.append(rec)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 ({e.reason} at byte {e.start})") from None
+    if not records and not allow_empty:
+        raise DataError(f"{path}:1: file holds no examples")
+    return records
+
+
+class NerCollate:
+    """Tokenise `[BOS] prompt answer [EOS]`, mask the prompt out of the loss, pad dynamically.
+
+    `args` is the flat config (attribute or dict access): it names the columns and
+    `max_seq_length`. Too-long examples lose characters from the end of the query text only,
+    never the template, instruction, answer or EOS; `self.truncated` counts them.
+    """
+
+    def __init__(self, args, tokenizer):
+        get = args.get if isinstance(args, dict) else (lambda k, d=None: getattr(args, k, d))
+        self.instruct_column = get("instruct_column", "instruct")
+        self.query_column = get("query_column", "query")
+        self.response_column = get("response_column", "answer")
+        self.max_seq_length = int(get("max_seq_length", 256))
+        self.tokenizer = tokenizer
+        if tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer needs BOS and EOS tokens for NER training")
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.truncated = 0
+
+    def _ids(self, text):
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def prompt_ids(self, instruct, query):
+        return encode_prompt(self.tokenizer, instruct, query)
+
+    def encode(self, example):
+        instruct, query = example[self.instruct_column], example[self.query_column]
+        answer_ids = self._ids(example[self.response_column]) + [self.tokenizer.eos_token_id]
+        prompt_ids = self.prompt_ids(instruct, query)
+        budget = self.max_seq_length - len(answer_ids)
+        if len(prompt_ids) > budget:
+            prompt_ids = self._shorten_query(instruct, query, budget)
+            self.truncated += 1
+        return {"input_ids": prompt_ids + answer_ids, "labels": [-100] * len(prompt_ids) + answer_ids}
+
+    def _shorten_query(self, instruct, query, budget):
+        # Binary search for the longest query prefix (in characters) whose prompt fits; keeps
+        # the template's tail ("### Response: ") intact so the model still knows where to answer.
+        lo, hi = 0, len(query)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if len(self.prompt_ids(instruct, query[:mid])) <= budget:
+                lo = mid
+            else:
+                hi = mid - 1
+        ids = self.prompt_ids(instruct, query[:lo])
+        if len(ids) > budget:
+            raise ValueError(
+                f"max_seq_length={self.max_seq_length} cannot hold the prompt template, "
+                f"the instruction and the answer; raise max_seq_length"
+            )
+        return ids
+
+    def pad(self, features):
+        longest = max(len(f["input_ids"]) for f in features)
+        input_ids, attention_mask, labels = [], [], []
+        for f in features:
+            n = len(f["input_ids"])
+            # Right padding for training: positions stay 0..n-1 for every real token.
+            input_ids.append(f["input_ids"] + [self.pad_id] * (longest - n))
+            attention_mask.append([1] * n + [0] * (longest - n))
+            labels.append(f["labels"] + [-100] * (longest - n))
+        return {
+            "input_ids": torch.tensor(input_ids, dtype=torch.long),
+            "attention_mask": torch.tensor(attention_mask, dtype=torch.long),
+            "labels": torch.tensor(labels, dtype=torch.long),
+        }
+
+    def collate_fn(self, batch):
+        """Raw examples or already-encoded ones (with `input_ids`/`labels`) -> padded tensors."""
+        return self.pad([b if "input_ids" in b else self.encode(b) for b in batch])
+
+    __call__ = collate_fn
+
+
+class EncodedDataset(torch.utils.data.Dataset):
+    """Examples tokenised once up front (not once per epoch); `lengths` feeds length grouping."""
+
+    def __init__(self, records, collate):
+        self.features = [collate.encode(r) for r in records]
+        self.lengths = [len(f["input_ids"]) for f in self.features]
+
+    def __len__(self):
+        return len(self.features)
+
+    def __getitem__(self, i):
+        return self.features[i]
+
+
+def length_grouped_indices(lengths, batch_size, seed, mega_factor=50):
+    """A shuffled order in which each run of `batch_size` indices has similar lengths.
+
+    Indices are shuffled, cut into mega-batches of `mega_factor * batch_size`, each sorted by
+    length and cut into batches; the batches are then shuffled, so training still sees a
+    random stream while padding inside a batch stays small. Same seed, same order.
+    """
+    rng = random.Random(seed)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    mega = max(batch_size * mega_factor, batch_size)
+    batches = []
+    for start in range(0, len(order), mega):
+        chunk = sorted(order[start:start + mega], key=lambda i: -lengths[i])
+        batches.extend(chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size))
+    rng.shuffle(batches)
+    return [i for b in batches for i in b]

