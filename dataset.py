@@ -34,9 +34,14 @@ class DataError(UserError):
     """Bad data file: the message starts with `path:line:`."""
 
 
-def build_prompt(instruct, query):
-    """The prompt for one example; the model's answer follows it directly."""
-    return PROMPT_TEMPLATE.format(instruction=f"{instruct}\n{query}")
+def build_prompt(instruct, query=None):
+    """The prompt for one example; the model's answer follows it directly.
+
+    NER examples give both parts (joined by a newline, as in training); free chat gives the
+    whole instruction as `instruct`.
+    """
+    instruction = instruct if query is None else f"{instruct}\n{query}"
+    return PROMPT_TEMPLATE.format(instruction=instruction)
 
 
 def encode_prompt(tokenizer, instruct, query):
@@ -125,6 +130,16 @@ class NerCollate:
             prompt_ids = self._shorten_query(instruct, query, budget)
             self.truncated += 1
         return {"input_ids": prompt_ids + answer_ids, "labels": [-100] * len(prompt_ids) + answer_ids}
+
+    def inference_ids(self, example, max_new_tokens):
+        """Prompt ids for generation, the query shortened (as in training) so that prompt plus
+        `max_new_tokens` fit max_seq_length. Returns (ids, was_shortened)."""
+        instruct, query = example[self.instruct_column], example[self.query_column]
+        ids = self.prompt_ids(instruct, query)
+        budget = self.max_seq_length - max_new_tokens
+        if len(ids) <= budget:
+            return ids, False
+        return self._shorten_query(instruct, query, budget), True
 
     def _shorten_query(self, instruct, query, budget):
         # Binary search for the longest query prefix (in characters) whose prompt fits; keeps

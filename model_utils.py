@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from config_utils import UserError
-from dataset import PROMPT_ID
+from dataset import PROMPT_ID, NerCollate
 
 TRAIN_ARGS_FILE = "train_args.json"
 MODEL_HELP = (
@@ -24,6 +24,43 @@ MODEL_HELP = (
 
 class ModelLoadError(UserError):
     pass
+
+
+# Config keys shared by test.py and predict.py.
+INFER_DEFAULTS = {
+    "lora_model": "./checkpoint/msra/train_trainer/adapter_model",  # trained adapter folder
+    "no_adapter": False,  # True: evaluate the base model alone (needs model_dir)
+    "model_dir": None,  # None: the base model recorded in the adapter's train_args.json
+    "tokenizer_path": None,  # None: the adapter's tokenizer, else model_dir's
+    "batch_size": 16,  # prompts generated together (similar lengths are grouped)
+    "max_new_tokens": 64,  # answer budget; MSRA answers are ~10 tokens, the longest ~60
+    "dtype": "auto",  # auto: bf16/fp16 on a GPU, fp32 on CPU
+    "device": "auto",
+}
+
+
+def load_from_config(cfg):
+    """load_for_inference driven by INFER_DEFAULTS keys; returns model, tokenizer, train_args."""
+    return load_for_inference(
+        None if cfg.no_adapter else cfg.lora_model, model_dir=cfg.model_dir,
+        tokenizer_path=cfg.tokenizer_path, dtype=cfg.dtype, device=cfg.device,
+    )
+
+
+def ner_generate(model, tokenizer, train_args, records, batch_size=16, max_new_tokens=64, progress=None):
+    """Instruct records -> raw generated answers, prompts built exactly as in training.
+
+    Returns (outputs, number of queries shortened to fit the trained max_seq_length).
+    """
+    collate = NerCollate(train_args, tokenizer)
+    prompts, shortened = [], 0
+    for rec in records:
+        ids, cut = collate.inference_ids(rec, max_new_tokens)
+        prompts.append(ids)
+        shortened += cut
+    outputs = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                       batch_size=batch_size, progress=progress)
+    return outputs, shortened
 
 
 def resolve_device(device="auto"):

@@ -122,23 +122,24 @@ def prepare_save_dir(cfg):
     check_model_dir(cfg.model_dir)
 
 
-def latest_checkpoint(save_dir, pattern=r"^checkpoint-(\d+)$", complete_marker="trainer_state.json"):
-    """The newest checkpoint folder that was written to the end (its last file exists)."""
+def latest_trainer_checkpoint(save_dir):
+    """The newest `checkpoint-N` folder the Trainer finished writing (trainer_state.json is its
+    last file), so a run killed while saving resumes from the previous, complete one."""
     found = []
     if Path(save_dir).is_dir():
         for entry in Path(save_dir).iterdir():
-            m = re.match(pattern, entry.name)
-            if m and entry.is_dir() and (entry / complete_marker).exists():
+            m = re.match(r"^checkpoint-(\d+)$", entry.name)
+            if m and (entry / "trainer_state.json").is_file():
                 found.append((int(m.group(1)), entry))
     return str(max(found)[1]) if found else None
 
 
-def resolve_resume(cfg, **kwargs):
-    """None when starting fresh; else the checkpoint path to resume from."""
+def resolve_resume(cfg, find_latest):
+    """None when starting fresh; else the checkpoint to resume from (`find_latest(save_dir)` for True)."""
     if not cfg.resume:
         return None
     if cfg.resume is True:
-        ckpt = latest_checkpoint(cfg.save_dir, **kwargs)
+        ckpt = find_latest(cfg.save_dir)
         if ckpt is None:
             raise UserError(f"resume=True but save_dir '{cfg.save_dir}' holds no complete checkpoint")
         return ckpt

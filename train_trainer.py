@@ -14,7 +14,7 @@ import os
 from config_utils import parse_config, run_cli
 from train_core import (
     ADAPTER_DIR, TRAIN_DEFAULTS, build_datasets, build_model, export_adapter, load_datasets_checked,
-    plot_loss_curve, prepare_save_dir, resolve_resume, resolved_args, training_dtype, write_json,
+    latest_trainer_checkpoint, plot_loss_curve, prepare_save_dir, resolve_resume, resolved_args, training_dtype, write_json,
 )
 
 DEFAULTS = {
@@ -78,7 +78,7 @@ def main(argv=None):
     cfg = parse_config(DEFAULTS, argv)
     train_records, dev_records = load_datasets_checked(cfg)  # fail fast, before the model loads
     prepare_save_dir(cfg)
-    resume_from = resolve_resume(cfg)
+    resume_from = resolve_resume(cfg, latest_trainer_checkpoint)
     args = training_arguments(cfg)
 
     model, tokenizer = build_model(cfg)

@@ -30,7 +30,7 @@ if str(ROOT) not in sys.path:
 
 from config_utils import UserError  # noqa: E402
 from model_hub._llama_layout import (  # noqa: E402
-    IGNORED_TENSORS, TOKENIZER_FILES, ModelHubError, check_output_dir, dtype_name, has_tokenizer,
+    IGNORED_TENSORS, ModelHubError, check_output_dir, dtype_name, has_tokenizer,
     load_torch_file, meta_to_hf_permute, parse_dtype, parse_size, plan_shards, prepare_output_dir,
     read_json, save_shard, shard_file_name, tensor_table, write_index,
 )
@@ -256,9 +256,9 @@ def convert(args):
     if args.model_size == TOKENIZER_ONLY:
         if not input_dir.is_dir():
             raise ModelHubError(f"input_dir '{input_dir}' does not exist")
-        # The seed's recovery step adds the tokenizer to a folder the weights were written to.
-        check_output_dir(out, args.overwrite, inputs=[input_dir],
-                         kept=lambda names: not any(n in TOKENIZER_FILES for n in names))
+        # The seed runs this after the weights, into the same folder: a model folder may get
+        # its tokenizer (re)written; any other non-empty folder needs --overwrite.
+        check_output_dir(out, args.overwrite, inputs=[input_dir], kept=lambda names: "config.json" in names)
         tokenizer_dir = find_tokenizer_dir(input_dir)
         tokenizer = load_tokenizer(tokenizer_dir)
         out.mkdir(parents=True, exist_ok=True)
