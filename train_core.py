@@ -151,7 +151,9 @@ def resolve_resume(cfg, find_latest):
 def build_model(cfg):
     """Base model through the one loader, LoRA on top; trainable weights kept in fp32."""
     from peft import LoraConfig, get_peft_model
+    from transformers import set_seed
 
+    set_seed(cfg.seed)  # LoRA's A matrices are drawn here: the same seed gives the same run
     torch_dtype, _ = training_dtype(cfg)
     model, tokenizer = load_model_and_tokenizer(
         cfg.model_dir, tokenizer_path=cfg.tokenizer_path, dtype=torch_dtype, device="cpu", is_trainable=True
@@ -221,6 +223,21 @@ def export_adapter(model, tokenizer, cfg, out_dir=None, extra_files=()):
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def report_engine(engine):
+    """Print the values a DeepSpeed engine actually trains with, read back from the engine."""
+    group = engine.optimizer.param_groups[0]
+    values = {
+        "micro_batch_per_gpu": engine.train_micro_batch_size_per_gpu(),
+        "gradient_accumulation_steps": engine.gradient_accumulation_steps(),
+        "world_size": engine.world_size,
+        "learning_rate": group.get("initial_lr", group["lr"]),  # the peak, before the schedule
+        "gradient_clipping": engine.gradient_clipping(),
+        "zero_stage": engine.zero_optimization_stage(),
+    }
+    print("deepspeed engine: " + json.dumps(values), flush=True)
+    return values
 
 
 def plot_loss_curve(log_history, path):

@@ -21,7 +21,7 @@ from config_utils import ConfigError, parse_config, run_cli
 from dataset import length_grouped_indices
 from train_core import (
     ADAPTER_DIR, TRAIN_DEFAULTS, build_datasets, build_model, export_adapter, load_datasets_checked,
-    lr_lambda_schedule, plot_loss_curve, prepare_save_dir, resolve_resume, resolved_args,
+    lr_lambda_schedule, plot_loss_curve, prepare_save_dir, report_engine, resolve_resume, resolved_args,
     training_dtype, write_json,
 )
 
@@ -158,8 +158,6 @@ def main(argv=None):
 
     deepspeed.init_distributed(auto_mpi_discovery=True)
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
 
     model, tokenizer = build_model(cfg)
     train_set, dev_set, collate = build_datasets(cfg, tokenizer, train_records, dev_records)
@@ -181,6 +179,7 @@ def main(argv=None):
     if resume_from:
         step, log_history = load_checkpoint(engine, resume_from, rank)
     if rank == 0:
+        report_engine(engine)
         os.makedirs(cfg.save_dir, exist_ok=True)
         write_json(os.path.join(cfg.save_dir, "train_args.json"), resolved_args(cfg, tokenizer))
         model.print_trainable_parameters()

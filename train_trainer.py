@@ -14,7 +14,7 @@ import os
 from config_utils import parse_config, run_cli
 from train_core import (
     ADAPTER_DIR, TRAIN_DEFAULTS, build_datasets, build_model, export_adapter, load_datasets_checked,
-    latest_trainer_checkpoint, plot_loss_curve, prepare_save_dir, resolve_resume, resolved_args, training_dtype, write_json,
+    latest_trainer_checkpoint, plot_loss_curve, prepare_save_dir, report_engine, resolve_resume, resolved_args, training_dtype, write_json,
 )
 
 DEFAULTS = {
@@ -97,6 +97,8 @@ def main(argv=None):
     trainer.train(resume_from_checkpoint=resume_from)
 
     if trainer.is_world_process_zero():
+        if trainer.is_deepspeed_enabled:
+            report_engine(trainer.model_wrapped)
         out = export_adapter(trainer.model, tokenizer, cfg)
         write_json(out / "log_history.json", trainer.state.log_history)
         plot_loss_curve(trainer.state.log_history, out / "loss_curve.png")

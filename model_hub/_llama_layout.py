@@ -33,7 +33,7 @@ LAYER_TENSORS = [
 # Embeddings are split along the hidden dimension (fairscale's ParallelEmbedding), the output
 # head along the vocabulary (ColumnParallelLinear).
 GLOBAL_TENSORS = [
-    ("tok_embeddings.weight", "model.embed_tokens.weight", 0, None),
+    ("tok_embeddings.weight", "model.embed_tokens.weight", 1, None),
     ("norm.weight", "model.norm.weight", None, None),
     ("output.weight", "lm_head.weight", 0, None),
 ]

@@ -144,7 +144,7 @@ class LoraAdapter:
         state = self._load()
         self.pairs, self.replacements = {}, {}  # base weight name -> (A, B) / tensor
         self.modules = {}  # base weight name -> LoRA module name, for messages
-        self._rank = {}
+        self._priority = {}
         for key, tensor in state.items():
             self._add(key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key, key, tensor)
         for name, pair in self.pairs.items():
@@ -186,11 +186,11 @@ class LoraAdapter:
         name = f"{match.group('module')}.{match.group('param')}"
         # One weight may be saved under several keys (PEFT's save_embedding_layers adds the
         # wrapper's own); the trained copy wins over base_layer, which LoRA pairs then update.
-        rank = 2 if wrap == ".base_layer" else 0
-        if name not in self.replacements or rank < self._rank[name]:
+        priority = 2 if wrap == ".base_layer" else 0
+        if name not in self.replacements or priority < self._priority[name]:
             self.modules[name] = match.group("module")
             self.replacements[name] = tensor
-            self._rank[name] = rank
+            self._priority[name] = priority
 
     def scaling(self, module):
         r = _pattern_value(self.config.get("rank_pattern"), module, self.config.get("r", 8))

@@ -200,7 +200,7 @@ def test_convert_two_shards_matches_meta_reference(spm_dir, tmp_path, capsys):
 # --------------------------------------------------------------------------- merge
 
 V_BASE_SHAPE = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=4, max_position_embeddings=128)
+                    num_key_value_heads=4, max_position_embeddings=512)
 
 
 def hf_tokenizer(spm_dir):
@@ -335,17 +335,17 @@ def test_merge_ner_adapter_for_deployment(spm_dir, tiny_base, tmp_path):
 
     model, tokenizer = load_model_and_tokenizer(str(tiny_base), lora_model=str(adapter), dtype="float32", device="cpu")
     prompts = [encode_prompt(tokenizer, DEFAULT_INSTRUCT, QUERY_PREFIX + s) for s in SENTENCES]
-    expected = generate(model, tokenizer, prompts, max_new_tokens=8, batch_size=2)
+    expected = generate(model, tokenizer, prompts, max_new_tokens=8, batch_size=4)
     expected_logits = hf_logits(model, torch.tensor([prompts[0]]))
 
     out = tmp_path / "msra-ner-merged"
     merge.main(["--lora_model", str(adapter), "--output_dir", str(out)])  # base from train_args.json
     merged, merged_tokenizer = load_model_and_tokenizer(str(out), dtype="float32", device="cpu")
-    assert generate(merged, merged_tokenizer, prompts, max_new_tokens=8, batch_size=2) == expected
+    assert generate(merged, merged_tokenizer, prompts, max_new_tokens=8, batch_size=4) == expected
     assert any(expected)
     torch.testing.assert_close(hf_logits(merged, torch.tensor([prompts[0]])), expected_logits, atol=1e-4, rtol=0)
     base, _ = load_model_and_tokenizer(str(tiny_base), dtype="float32", device="cpu")
-    assert generate(base, tokenizer, prompts, max_new_tokens=8, batch_size=2) != expected  # the adapter matters
+    assert generate(base, tokenizer, prompts, max_new_tokens=8, batch_size=4) != expected  # the adapter matters
 
 
 # --------------------------------------------------------------------------- bad input

@@ -1,0 +1,206 @@
+"""Both trainers on the tiny model: learning, adapter-only checkpoints, 2 processes, resume, bad input."""
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import MEMORISE, PYTHON, ROOT, as_argv, load_script, run_cmd, score_adapter
+from dataset import load_data
+
+DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
+ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors", "train_args.json", "tokenizer_config.json"}
+
+
+def adapter_tensors(adapter_dir):
+    return load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
+
+
+def max_diff(a, b):
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def train_losses(adapter_dir):
+    history = json.loads((Path(adapter_dir) / "log_history.json").read_text())
+    return [(r["step"], r["loss"]) for r in history if "loss" in r]
+
+
+# ----------------------------------------------------------------------------- learning
+
+def test_trainer_memorises_and_saves_what_inference_needs(memorised_trainer, train16, tiny_model):
+    adapter = memorised_trainer / "adapter_model"
+    assert ADAPTER_FILES <= {p.name for p in adapter.iterdir()}
+    assert (adapter / "loss_curve.png").stat().st_size > 0
+    args = json.loads((adapter / "train_args.json").read_text(encoding="utf-8"))
+    assert Path(args["model_dir"]) == Path(tiny_model)
+    assert args["vocab_size"] == 4000 and args["learning_rate"] == MEMORISE["learning_rate"]
+    history = json.loads((adapter / "log_history.json").read_text())
+    assert any("eval_loss" in r for r in history)
+    metrics, _ = score_adapter(adapter, load_data(train16))
+    assert metrics["f1"] >= 0.95, metrics
+
+
+def test_trainer_checkpoints_hold_no_base_weights(memorised_trainer, tiny_model):
+    base_bytes = (Path(tiny_model) / "model.safetensors").stat().st_size
+    checkpoints = sorted(memorised_trainer.glob("checkpoint-*"))
+    assert checkpoints, "save_steps=50 over 150 steps must leave checkpoints"
+    for ckpt in checkpoints:
+        names = {p.name for p in ckpt.iterdir()}
+        assert {"adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json"} <= names
+        assert not names & {"model.safetensors", "pytorch_model.bin"}
+        tensors = adapter_tensors(ckpt)
+        # Only LoRA matrices and the modules trained in full (embed_tokens, lm_head) are saved.
+        assert all("lora_" in k or "embed_tokens" in k or "lm_head" in k for k in tensors), list(tensors)[:5]
+        assert not any("layers.0.self_attn.q_proj.weight" == k.split("base_model.model.model.")[-1] for k in tensors)
+    # A run without trainable embeddings saves LoRA only: far smaller than the base model.
+    lora_only = sum(t.numel() * t.element_size() for k, t in adapter_tensors(checkpoints[-1]).items() if "lora_" in k)
+    assert lora_only < base_bytes / 5
+
+
+def test_deepspeed_trainer_memorises(tmp_path, tiny_model, train16):
+    options = {**MEMORISE, "model_dir": tiny_model, "train_path": train16, "dev_path": train16,
+               "save_dir": tmp_path / "ds"}
+    proc = run_cmd([PYTHON, "train_deepspeed.py", *as_argv(options)])
+    engine = json.loads(proc.stdout.split("deepspeed engine: ")[1].splitlines()[0])
+    assert engine["learning_rate"] == MEMORISE["learning_rate"]
+    assert engine["micro_batch_per_gpu"] == MEMORISE["train_batch_size"]
+    adapter = tmp_path / "ds" / "adapter_model"
+    assert ADAPTER_FILES <= {p.name for p in adapter.iterdir()}
+    ckpt = tmp_path / "ds" / "checkpoints" / "global_step150"
+    # Engine checkpoints exclude the frozen base weights.
+    states = torch.load(next(ckpt.glob("mp_rank_00_model_states.pt")), weights_only=False)["module"]
+    assert states and all("lora_" in k or "embed_tokens" in k or "lm_head" in k for k in states)
+    metrics, _ = score_adapter(adapter, load_data(train16))
+    assert metrics["f1"] >= 0.95, metrics
+
+
+# ------------------------------------------------------------------ two processes, one source
+
+SHORT = {"lora_dropout": 0.0, "learning_rate": 5e-3, "max_steps": 6, "log_steps": 1, "eval_steps": 0,
+         "save_steps": 100, "group_by_length": False, "warmup_ratio": 0.0}
+
+
+@pytest.mark.parametrize("script", ["train_trainer.py", "train_deepspeed.py"])
+def test_two_processes_match_one_process(tmp_path, tiny_model, train16, script):
+    common = {**SHORT, "model_dir": tiny_model, "train_path": train16, "dev_path": train16}
+    two = run_cmd([DEEPSPEED, "--num_gpus", "2", script,
+                   *as_argv({**common, "train_batch_size": 2, "save_dir": tmp_path / "two"})])
+    one = run_cmd([PYTHON, script, *as_argv({**common, "train_batch_size": 4, "save_dir": tmp_path / "one"})])
+    # The command line is what the engine trains with (read back from the engine itself).
+    engine = json.loads(two.stdout.split("deepspeed engine: ")[1].splitlines()[0])
+    assert engine["world_size"] == 2 and engine["micro_batch_per_gpu"] == 2
+    assert engine["learning_rate"] == pytest.approx(5e-3)
+    two_losses, one_losses = train_losses(tmp_path / "two" / "adapter_model"), train_losses(tmp_path / "one" / "adapter_model")
+    assert [s for s, _ in two_losses] == [s for s, _ in one_losses] == list(range(1, 7))
+    # Same examples per optimizer step, loss averaged over all answer tokens of the step: the
+    # first step's loss is the same computation; later ones drift only by optimizer rounding.
+    assert two_losses[0][1] == pytest.approx(one_losses[0][1], rel=1e-5)
+    for (_, a), (_, b) in zip(two_losses, one_losses):
+        assert a == pytest.approx(b, rel=2e-2)
+    assert not (tmp_path / "two" / "adapter_model.tmp").exists()
+
+
+# ----------------------------------------------------------------------------------- resume
+
+RESUME = {"lora_dropout": 0.1, "learning_rate": 3e-3, "max_steps": 12, "save_steps": 4, "log_steps": 2,
+          "eval_steps": 0, "train_batch_size": 4}
+
+
+def _kill_after(cmd, marker, timeout=600):
+    """Start a training run and SIGKILL it as soon as `marker` exists (a checkpoint was written)."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + timeout
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert marker.exists(), proc.stderr.read()[-3000:]
+
+
+@pytest.mark.parametrize("script,ckpt", [
+    ("train_trainer.py", "checkpoint-4/trainer_state.json"),
+    ("train_deepspeed.py", "checkpoints/global_step4/rng_state_0.pt"),
+])
+def test_resume_after_kill_matches_uninterrupted_run(tmp_path, tiny_model, train16, script, ckpt):
+    common = {**RESUME, "model_dir": tiny_model, "train_path": train16, "dev_path": train16}
+    run_cmd([PYTHON, script, *as_argv({**common, "save_dir": tmp_path / "once"})])
+    killed = tmp_path / "killed"
+    _kill_after([PYTHON, script, *as_argv({**common, "save_dir": killed})], killed / ckpt)
+    resume_from = killed / Path(ckpt).parent
+    start = adapter_tensors(resume_from) if script == "train_trainer.py" else None
+    run_cmd([PYTHON, script, *as_argv({**common, "save_dir": killed, "resume": resume_from})])
+    once, resumed = adapter_tensors(tmp_path / "once" / "adapter_model"), adapter_tensors(killed / "adapter_model")
+    assert max_diff(once, resumed) < 1e-6
+    if start is not None:  # the checkpoint really was mid-run: training moved the weights on
+        assert max_diff(start, resumed) > 1e-4
+
+
+def test_resume_true_picks_latest_complete_trainer_checkpoint(tmp_path):
+    core = load_script("train_core")
+    for step, complete in [(4, True), (8, True), (12, False)]:
+        d = tmp_path / f"checkpoint-{step}"
+        d.mkdir()
+        if complete:
+            (d / "trainer_state.json").write_text("{}")
+    assert core.latest_trainer_checkpoint(tmp_path) == str(tmp_path / "checkpoint-8")
+
+
+# -------------------------------------------------------------------------------- bad input
+
+def test_bad_training_file_fails_before_model_loads(tmp_path, train16):
+    bad = tmp_path / "train.txt"
+    bad.write_text(train16.read_text(encoding="utf-8") + '{"instruct": "x", "query": "y"}\n', encoding="utf-8")
+    # model_dir does not exist: had the model been loaded first, the error would name it instead.
+    proc = run_cmd([PYTHON, "train_trainer.py", f"--train_path={bad}", "--model_dir=/nonexistent",
+                    f"--save_dir={tmp_path / 'out'}"], check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"error: {bad}:17: missing key 'answer' (keys: ['instruct', 'query'])"]
+
+
+def test_finished_adapter_is_not_overwritten(memorised_trainer, tiny_model, train16):
+    before = (memorised_trainer / "adapter_model" / "adapter_model.safetensors").read_bytes()
+    train = load_script("train_trainer")
+    with pytest.raises(Exception, match="already holds a finished adapter"):
+        train.main(as_argv({"model_dir": tiny_model, "train_path": train16, "dev_path": train16,
+                            "save_dir": memorised_trainer}))
+    with pytest.raises(Exception, match="holds a run of base model"):
+        train.main(as_argv({"model_dir": ROOT, "train_path": train16, "dev_path": train16,
+                            "save_dir": memorised_trainer, "resume": True}))
+    assert (memorised_trainer / "adapter_model" / "adapter_model.safetensors").read_bytes() == before
+
+
+def test_fp16_on_cpu_is_a_clear_error(tmp_path, tiny_model, train16):
+    if torch.cuda.is_available():
+        pytest.skip("fp16 is valid on a GPU")
+    proc = run_cmd([PYTHON, "train_deepspeed.py", f"--model_dir={tiny_model}", f"--train_path={train16}",
+                    f"--dev_path={train16}", f"--save_dir={tmp_path}", "--dtype=fp16"], check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: config key 'dtype': fp16 training needs a GPU")
+
+
+def test_interrupted_export_keeps_previous_adapter(memorised_trainer, tmp_path):
+    core = load_script("train_core")
+    from config_utils import Config
+    from model_utils import load_model_and_tokenizer
+
+    src = memorised_trainer / "adapter_model"
+    args = json.loads((src / "train_args.json").read_text())
+    model, tokenizer = load_model_and_tokenizer(args["model_dir"], lora_model=str(src))
+    cfg = Config({**args, "save_dir": str(tmp_path)})
+    first = core.export_adapter(model, tokenizer, cfg)
+    before = {p.name: p.read_bytes() for p in first.iterdir()}
+
+    def broken_save(*a, **k):
+        raise KeyboardInterrupt  # as if Ctrl-C arrived half-way through the export
+
+    tokenizer.save_pretrained = broken_save
+    with pytest.raises(KeyboardInterrupt):
+        core.export_adapter(model, tokenizer, cfg)
+    assert {p.name: p.read_bytes() for p in first.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter_model"]  # no temporary folder left
