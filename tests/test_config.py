@@ -2,12 +2,10 @@
 
 Expected values are written by hand from the rules in issue 2 / DESIGN.md ("Config").
 """
-import sys
-
 import pytest
 
 from conftest import PYTHON, load_script, run_cmd
-from config_utils import ConfigError, ConfigParser
+from config_utils import ConfigError, ConfigParser, run_cli
 
 DEFAULTS = {
     "learning_rate": 1e-4,
@@ -288,13 +286,11 @@ def test_script_help_prints_its_defaults_and_exits_0():
 
 
 def test_run_cli_turns_a_config_error_into_exit_2(capsys):
-    config_utils = sys.modules["config_utils"]
-
     def main():
         return ConfigParser({"x": 1}).parse_main(["--x=oops"])
 
     with pytest.raises(SystemExit) as e:
-        config_utils.run_cli(main)
+        run_cli(main)
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and err.count("\n") == 1 and "'x'" in err
