@@ -90,7 +90,7 @@ def _coerce(key, value, default, raw):
     elif isinstance(default, (list, tuple)):
         if isinstance(value, (list, tuple)):
             return type(default)(value)
-        if isinstance(value, str):  # `--targets=q_proj,v_proj`
+        if isinstance(value, str) and not value.lstrip().startswith(("[", "(", "{")):  # `--targets=q_proj,v_proj`
             return type(default)(v.strip() for v in value.split(",") if v.strip())
     elif isinstance(default, dict):
         if isinstance(value, dict):

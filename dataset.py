@@ -195,7 +195,7 @@ class EncodedDataset(torch.utils.data.Dataset):
         return self.features[i]
 
 
-def length_grouped_indices(lengths, batch_size, seed, mega_factor=50):
+def length_grouped_indices(lengths, batch_size, seed, mega_factor=200):
     """A shuffled order in which each run of `batch_size` indices has similar lengths.
 
     Indices are shuffled, cut into mega-batches of `mega_factor * batch_size`, each sorted by

@@ -80,9 +80,17 @@ class Stats:
                 f"in {self.dropped_fragments} dropped fragments, {self.unclosed} unclosed entities closed")
 
 
-def decode_tags(tags):
-    """Tags of one sentence -> (entities as (begin, end, type), end exclusive; repair counts)."""
-    bioes = any(t[0] in "ES" for t in tags if t != "O")
+def is_bioes(tags):
+    """BIOES/BMES (entities must end with E- or be S-) rather than BIO: any E-, M- or S- tag."""
+    return any(t[0] in "EMS" for t in tags if t != "O")
+
+
+def decode_tags(tags, bioes=None):
+    """Tags of one sentence -> (entities as (begin, end, type), end exclusive; repair counts).
+
+    `bioes` is the file's scheme; None detects it from this sentence alone.
+    """
+    bioes = is_bioes(tags) if bioes is None else bioes
     entities, dropped, malformed, unclosed = [], 0, 0, 0
     start, etype, orphan = None, None, False  # the open fragment
 
@@ -130,23 +138,22 @@ def decode_tags(tags):
 
 def read_tagged(path, label_names):
     """Character-per-line tag file -> list of sentences {text, entities, repair counts}."""
-    sentences, chars, tags, first_line = [], [], [], 1
-
-    def flush():
-        if chars:
-            entities, repairs = decode_tags(tags)
-            sentences.append({"text": "".join(chars), "entities": entities, **repairs})
-            chars.clear()
-            tags.clear()
-
+    raw, chars, tags = [], [], []
     for lineno, line in _lines(path):
+        if lineno == 1:
+            line = line.lstrip("\ufeff")  # a BOM (Windows editors) is not a character of the text
         parts = line.split()
         if not parts:
-            flush()
+            if chars:
+                raw.append(("".join(chars), tags))
+                chars, tags = [], []
             continue
         if len(parts) != 2:
             raise DataError(f"{path}:{lineno}: expected 'character tag', got {line.strip()!r}")
         char, tag = parts
+        if len(char) != 1:
+            # Offsets count characters: a multi-character token would shift every later entity.
+            raise DataError(f"{path}:{lineno}: expected one character per line, got {char!r}")
         m = _TAG.match(tag)
         if not m:
             raise DataError(f"{path}:{lineno}: tag {tag!r} is not O or B-/I-/M-/E-/S- plus a type")
@@ -154,7 +161,14 @@ def read_tagged(path, label_names):
             raise DataError(f"{path}:{lineno}: entity type {m.group(3)!r} is not in label_names ({', '.join(label_names)})")
         chars.append(char)
         tags.append(tag)
-    flush()
+    if chars:
+        raw.append(("".join(chars), tags))
+    # One scheme per file: a BMES sentence whose only entity is an unclosed B-M run is still BMES.
+    bioes = any(is_bioes(t) for _, t in raw)
+    sentences = []
+    for text, sentence_tags in raw:
+        entities, repairs = decode_tags(sentence_tags, bioes)
+        sentences.append({"text": text, "entities": entities, **repairs})
     return sentences
 
 
@@ -202,6 +216,8 @@ def _lines(path):
 
 
 def read_corpus(path, fmt, label_names):
+    if not Path(path).is_file():
+        raise DataError(f"{path}: no such file")
     if fmt == "auto":
         with open(path, "rb") as f:
             head = f.read(64).lstrip()

@@ -112,9 +112,6 @@ def test_list_from_comma_text():
     assert parse(["--targets=o_proj"]).targets == ["o_proj"]  # one name, no comma
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: config_utils._coerce splits any unparsable text on commas for a list key, so a broken "
-    "list literal '[1,2' becomes ['[1', '2'] instead of the 'unparsable value' error of issue 2"))
 def test_broken_list_literal_is_an_error():
     with pytest.raises(ConfigError, match="targets"):
         parse(["--targets=[1,2"])

