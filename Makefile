@@ -13,7 +13,7 @@ TORCH_INDEX ?=
 DEMO_DIR ?= checkpoint/msra/demo
 PYTEST_ARGS ?=
 
-.PHONY: test demo venv clean-demo
+.PHONY: test demo venv bench clean-demo
 
 venv: $(STAMP)
 
@@ -51,6 +51,12 @@ demo: venv
 	@echo "  predictions           $(DEMO_DIR)/predict.jsonl"
 	@echo "The memorised F1 shows the pipeline is wired end to end; the tiny random model knows no"
 	@echo "Chinese, so held-out F1 near zero is expected. See README for the Chinese-Alpaca-7B path."
+
+# Throughput, side by side (BENCHMARKS.md); QUICK=1 for a short run. Needs the demo's data and tiny tokenizer.
+bench: venv
+	test -f data/msra/instruct_data/test.txt || $(PY) process.py
+	test -f model_hub/tiny-llama/tokenizer.json || $(PY) model_hub/build_tiny_llama.py
+	$(PY) bench/bench.py $(if $(QUICK),--quick=True,)
 
 clean-demo:
 	rm -rf $(DEMO_DIR)
