@@ -34,6 +34,10 @@ class DataError(UserError):
     """Bad data file: the message starts with `path:line:`."""
 
 
+class TooLongError(ValueError):
+    """Template, instruction and answer alone exceed max_seq_length (the query cannot shrink enough)."""
+
+
 def build_prompt(instruct, query=None):
     """The prompt for one example; the model's answer follows it directly.
 
@@ -153,7 +157,7 @@ class NerCollate:
                 hi = mid - 1
         ids = self.prompt_ids(instruct, query[:lo])
         if len(ids) > budget:
-            raise ValueError(
+            raise TooLongError(
                 f"max_seq_length={self.max_seq_length} cannot hold the prompt template, "
                 f"the instruction and the answer; raise max_seq_length"
             )
@@ -182,10 +186,19 @@ class NerCollate:
 
 
 class EncodedDataset(torch.utils.data.Dataset):
-    """Examples tokenised once up front (not once per epoch); `lengths` feeds length grouping."""
+    """Examples tokenised once up front (not once per epoch); `lengths` feeds length grouping.
+
+    An example whose answer cannot fit max_seq_length even with an empty query is left out
+    (cutting the answer would teach the model to stop early) and counted in `skipped`.
+    """
 
     def __init__(self, records, collate):
-        self.features = [collate.encode(r) for r in records]
+        self.features, self.skipped = [], 0
+        for r in records:
+            try:
+                self.features.append(collate.encode(r))
+            except TooLongError:
+                self.skipped += 1
         self.lengths = [len(f["input_ids"]) for f in self.features]
 
     def __len__(self):

@@ -32,7 +32,7 @@ INFER_DEFAULTS = {
     "no_adapter": False,  # True: evaluate the base model alone (needs model_dir)
     "model_dir": None,  # None: the base model recorded in the adapter's train_args.json
     "tokenizer_path": None,  # None: the adapter's tokenizer, else model_dir's
-    "batch_size": 16,  # prompts generated together (similar lengths are grouped)
+    "batch_size": 32,  # prompts generated together (similar lengths are grouped)
     "max_new_tokens": 64,  # answer budget; MSRA answers are ~10 tokens, the longest ~60
     "dtype": "auto",  # auto: bf16/fp16 on a GPU, fp32 on CPU
     "device": "auto",

@@ -184,7 +184,8 @@ def main(argv=None):
         write_json(os.path.join(cfg.save_dir, "train_args.json"), resolved_args(cfg, tokenizer))
         model.print_trainable_parameters()
         print(f"train {len(train_set)} examples on {world} process(es), {total_steps} optimizer steps; "
-              f"{collate.truncated} queries shortened to fit max_seq_length={cfg.max_seq_length}")
+              f"{collate.truncated} queries shortened and {train_set.skipped} examples left out "
+              f"(answer alone too long) to fit max_seq_length={cfg.max_seq_length}")
     writer = None
     if rank == 0:
         from torch.utils.tensorboard import SummaryWriter

@@ -88,7 +88,8 @@ def main(argv=None):
         write_json(os.path.join(cfg.save_dir, "train_args.json"), resolved_args(cfg, tokenizer))
         model.print_trainable_parameters()
         print(f"train {len(train_set)} examples, dev {len(dev_set) if dev_set else 0}; "
-              f"{collate.truncated} had their query shortened to fit max_seq_length={cfg.max_seq_length}")
+              f"{collate.truncated} had their query shortened and {train_set.skipped} were left out "
+              f"(answer alone too long) to fit max_seq_length={cfg.max_seq_length}")
 
     trainer = Trainer(
         model=model, args=args, train_dataset=train_set, eval_dataset=dev_set,

@@ -245,6 +245,15 @@ def test_too_small_max_seq_length_is_a_clear_error(tok):
         collate.collate_fn([RECORDS[0]])
 
 
+def test_encoded_dataset_leaves_out_examples_whose_answer_cannot_fit(tok):
+    head_len = len(expected_parts(tok, {**RECORDS[0], "query": ""})[0])
+    long_answer = "\n".join(f"实体{i}_人名" for i in range(40))
+    collate = NerCollate({"max_seq_length": head_len + 20}, tok)
+    data = EncodedDataset([RECORDS[0], {**RECORDS[0], "answer": long_answer}, RECORDS[0]], collate)
+    assert len(data) == 2 and data.skipped == 1
+    assert all(len(f["input_ids"]) <= head_len + 20 for f in data.features)
+
+
 def test_collate_needs_bos_and_eos(tok):
     class NoBos:
         bos_token_id, eos_token_id, pad_token_id = None, 2, 0
