@@ -204,3 +204,15 @@ def test_interrupted_export_keeps_previous_adapter(memorised_trainer, tmp_path):
         core.export_adapter(model, tokenizer, cfg)
     assert {p.name: p.read_bytes() for p in first.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["adapter_model"]  # no temporary folder left
+
+
+def test_mpirun_launches_train_deepspeed(tmp_path, tiny_model, train16):
+    mpirun = Path(sys.executable).parent / "mpirun"
+    env_root = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+    options = {**SHORT, "max_steps": 2, "model_dir": tiny_model, "train_path": train16, "dev_path": train16,
+               "train_batch_size": 2, "save_dir": tmp_path / "mpi"}
+    proc = run_cmd([str(mpirun), "-np", "2", "--oversubscribe", PYTHON, "train_deepspeed.py", *as_argv(options)],
+                   env_extra=env_root)
+    engine = json.loads(proc.stdout.split("deepspeed engine: ")[1].splitlines()[0])
+    assert engine["world_size"] == 2  # MPI discovery gave both ranks one process group
+    assert (tmp_path / "mpi" / "adapter_model" / "adapter_model.safetensors").is_file()
