@@ -15,6 +15,7 @@ import json
 import os
 import sys
 
+from config_utils import UserError, run_cli
 from dataset import DEFAULT_INSTRUCT, QUERY_PREFIX, encode_prompt
 
 BANNER = """+ 该模式下仅支持单轮问答，无多轮对话能力。空行、Ctrl-D 或 Ctrl-C 退出。
@@ -114,23 +115,21 @@ def file_mode(chat, data_file, predictions_file):
     return results
 
 
-def main(argv=None):
-    from config_utils import UserError
+def run(args):
+    if args.data_file and not os.path.isfile(args.data_file):
+        raise UserError(f"{args.data_file}: no such file")
+    chat = Chat(args)
+    if args.interactive:
+        interactive(chat)
+    else:
+        file_mode(chat, args.data_file, args.predictions_file)
 
+
+def main(argv=None):
     args = parse_args(argv)
     if not args.only_cpu:
         os.environ.setdefault("CUDA_VISIBLE_DEVICES", args.gpus)
-    try:
-        if args.data_file and not os.path.isfile(args.data_file):
-            raise UserError(f"{args.data_file}: no such file")
-        chat = Chat(args)
-        if args.interactive:
-            interactive(chat)
-        else:
-            file_mode(chat, args.data_file, args.predictions_file)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    run_cli(lambda: run(args))
 
 
 if __name__ == "__main__":

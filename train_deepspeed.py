@@ -20,8 +20,8 @@ import torch
 from config_utils import ConfigError, parse_config, run_cli
 from dataset import length_grouped_indices
 from train_core import (
-    ADAPTER_DIR, TRAIN_DEFAULTS, build_datasets, build_model, export_adapter, load_datasets_checked,
-    lr_lambda_schedule, plot_loss_curve, prepare_save_dir, report_engine, resolve_resume, resolved_args,
+    ADAPTER_DIR, TRAIN_DEFAULTS, batch_loss, build_datasets, build_model, export_adapter, load_datasets_checked,
+    lr_lambda_schedule, plot_loss_curve, prepare_save_dir, report_engine, resolve_resume, start_run,
     training_dtype, write_json,
 )
 
@@ -178,17 +178,13 @@ def main(argv=None):
     step, log_history = 0, []
     if resume_from:
         step, log_history = load_checkpoint(engine, resume_from, rank)
-    if rank == 0:
-        report_engine(engine)
-        os.makedirs(cfg.save_dir, exist_ok=True)
-        write_json(os.path.join(cfg.save_dir, "train_args.json"), resolved_args(cfg, tokenizer))
-        model.print_trainable_parameters()
-        print(f"train {len(train_set)} examples on {world} process(es), {total_steps} optimizer steps; "
-              f"{collate.truncated} queries shortened and {train_set.skipped} examples left out "
-              f"(answer alone too long) to fit max_seq_length={cfg.max_seq_length}")
     writer = None
     if rank == 0:
         from torch.utils.tensorboard import SummaryWriter
+
+        report_engine(engine)
+        start_run(cfg, model, tokenizer, train_set, dev_set, collate)
+        print(f"{world} process(es), {total_steps} optimizer steps")
 
         writer = SummaryWriter(os.path.join(cfg.save_dir, "runs"))
 
@@ -210,7 +206,7 @@ def main(argv=None):
                 batch = {k: v.to(engine.device) for k, v in batch.items()}
                 # Sum of token losses / tokens in the whole step, times the factors DeepSpeed
                 # divides by (accumulation steps, data-parallel ranks): an exact global mean.
-                loss = engine(**batch, num_items_in_batch=n_items).loss * (world * gas)
+                loss = batch_loss(engine, batch, cfg, num_items_in_batch=n_items) * (world * gas)
                 engine.backward(loss)
                 engine.step()
                 step_loss += float(loss.detach()) / (world * gas)

@@ -13,8 +13,9 @@ import os
 
 from config_utils import parse_config, run_cli
 from train_core import (
-    ADAPTER_DIR, TRAIN_DEFAULTS, build_datasets, build_model, export_adapter, load_datasets_checked,
-    latest_trainer_checkpoint, plot_loss_curve, prepare_save_dir, report_engine, resolve_resume, resolved_args, training_dtype, write_json,
+    ADAPTER_DIR, TRAIN_DEFAULTS, batch_loss, build_datasets, build_model, export_adapter, latest_trainer_checkpoint,
+    load_datasets_checked, plot_loss_curve, prepare_save_dir, report_engine, resolve_resume, start_run,
+    training_dtype, write_json,
 )
 
 DEFAULTS = {
@@ -22,6 +23,24 @@ DEFAULTS = {
     "use_deepspeed": "auto",  # auto: use deepspeed_json_path when started by the deepspeed launcher
     "jit_checkpoint": False,  # on SIGTERM, write a checkpoint before exiting (preemptible jobs)
 }
+
+
+def make_trainer(cfg, **kwargs):
+    """A Trainer whose training loss is train_core.batch_loss (shared-prefix forward when enabled)."""
+    from transformers import Trainer
+
+    class NerTrainer(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if return_outputs or not model.training:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            loss = batch_loss(model, inputs, cfg, num_items_in_batch)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                # As Trainer.compute_loss does: num_items_in_batch counts the tokens of every
+                # process, and gradients are averaged over processes.
+                loss = loss * self.accelerator.num_processes
+            return loss
+
+    return NerTrainer(**kwargs)
 
 
 def use_deepspeed(cfg):
@@ -73,8 +92,6 @@ def training_arguments(cfg):
 
 
 def main(argv=None):
-    from transformers import Trainer
-
     cfg = parse_config(DEFAULTS, argv)
     train_records, dev_records = load_datasets_checked(cfg)  # fail fast, before the model loads
     prepare_save_dir(cfg)
@@ -84,15 +101,10 @@ def main(argv=None):
     model, tokenizer = build_model(cfg)
     train_set, dev_set, collate = build_datasets(cfg, tokenizer, train_records, dev_records)
     if args.process_index == 0:
-        os.makedirs(cfg.save_dir, exist_ok=True)
-        write_json(os.path.join(cfg.save_dir, "train_args.json"), resolved_args(cfg, tokenizer))
-        model.print_trainable_parameters()
-        print(f"train {len(train_set)} examples, dev {len(dev_set) if dev_set else 0}; "
-              f"{collate.truncated} had their query shortened and {train_set.skipped} were left out "
-              f"(answer alone too long) to fit max_seq_length={cfg.max_seq_length}")
+        start_run(cfg, model, tokenizer, train_set, dev_set, collate)
 
-    trainer = Trainer(
-        model=model, args=args, train_dataset=train_set, eval_dataset=dev_set,
+    trainer = make_trainer(
+        cfg, model=model, args=args, train_dataset=train_set, eval_dataset=dev_set,
         data_collator=collate, processing_class=tokenizer,
     )
     trainer.train(resume_from_checkpoint=resume_from)

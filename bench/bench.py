@@ -6,17 +6,19 @@
 
 Training, same model, same examples, same number of optimizer steps:
   (a) the seed's recipe: every example padded to 192 tokens, random batches (HF Trainer);
-  (b) our default train_trainer.py path: length-grouped batches, dynamic padding;
-  (c) a bare PyTorch loop over the same batches as (b): the practical limit.
+  (b) our default train_trainer.py path: length-grouped batches, dynamic padding, the shared
+      prompt prefix computed once per batch;
+  (b') (b) with share_prefix=False;
+  (c) a bare PyTorch loop over the same batches and loss function as (b): the practical limit.
 Evaluation on the same test sentences:
   (a) one example at a time; (b) our batched generation; (c) (b) plus the shared-prefix KV cache.
 Results go to bench/results.json and BENCHMARKS.md. By default the model is a randomly
-initialised LLaMA (hidden 512, 4 layers, ~14M parameters with the tiny tokenizer's 8,000
-pieces) so that model compute, not Python overhead, dominates a step; random weights cost the
-same compute as trained ones.
+initialised LLaMA (hidden 512, 4 layers, 20.8M parameters with the tiny tokenizer's 8,000
+pieces) so that model compute, not Python overhead, dominates a training step; random weights
+cost the same compute as trained ones. `--shape=7b` builds LLaMA-7B's shape instead
+(bench/gpu_check.sh, for a GPU).
 """
 import json
-import math
 import os
 import platform
 import sys
@@ -32,12 +34,11 @@ from config_utils import parse_config, run_cli  # noqa: E402
 from dataset import load_data  # noqa: E402
 
 DEFAULTS = {
-    "model_dir": "",  # "" = a random LLaMA of the size below, built with tokenizer_dir's tokenizer
+    "model_dir": "",  # "" = a random LLaMA of `shape`, built with tokenizer_dir's tokenizer
+    "shape": "bench",  # bench: hidden 512, 4 layers (CPU); 7b: LLaMA-7B with Chinese-Alpaca's 49,954 vocabulary
     "tokenizer_dir": str(ROOT / "model_hub" / "tiny-llama"),
-    "hidden_size": 512,
-    "intermediate_size": 1376,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 8,
+    "gradient_checkpointing": False,
+    "skip_eval": False,
     "train_path": str(ROOT / "data" / "msra" / "instruct_data" / "train.txt"),
     "test_path": str(ROOT / "data" / "msra" / "instruct_data" / "test.txt"),
     "train_examples": 2000,  # training examples the samplers draw from
@@ -56,24 +57,43 @@ DEFAULTS = {
 }
 
 
+SHAPES = {
+    "bench": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8),
+    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+               vocab_size=49954),
+}
+
+
 def build_random_model(cfg, out_dir):
-    """A random LLaMA of the configured size with the tiny tokenizer, saved like any model dir."""
+    """A random LLaMA of `cfg.shape` with the tiny tokenizer, saved like any model dir.
+
+    For the 7B shape the tokenizer is padded with unused tokens up to Chinese-Alpaca's 49,954
+    pieces, so embedding and output layer cost what they cost in the real model. The weights
+    are created in bf16 directly on the GPU when there is one.
+    """
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from model_utils import load_tokenizer
 
+    shape = dict(SHAPES[cfg.shape])
     tokenizer = load_tokenizer(cfg.tokenizer_dir)
+    vocab = shape.pop("vocab_size", len(tokenizer))
+    if vocab > len(tokenizer):
+        tokenizer.add_tokens([f"<unused_{i}>" for i in range(vocab - len(tokenizer))])
     torch.manual_seed(cfg.seed)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_attention_heads, max_position_embeddings=1024,
+        vocab_size=vocab, num_key_value_heads=shape["num_attention_heads"], max_position_embeddings=2048,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False,
+        **shape,
     )
-    model = LlamaForCausalLM(config)
+    cuda = torch.cuda.is_available()
+    with torch.device("cuda" if cuda else "cpu"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16 if cuda else torch.float32)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    return sum(p.numel() for p in model.parameters())
+    n = sum(p.numel() for p in model.parameters())
+    del model
+    return n
 
 
 class CountingCollate:
@@ -97,7 +117,7 @@ class CountingCollate:
         return out
 
 
-def train_config(cfg, model_dir, save_dir, group_by_length, max_seq_length):
+def train_config(cfg, model_dir, save_dir, group_by_length, max_seq_length, share_prefix=True):
     from train_trainer import DEFAULTS as TRAINER_DEFAULTS
 
     return parse_config(TRAINER_DEFAULTS, {
@@ -105,7 +125,8 @@ def train_config(cfg, model_dir, save_dir, group_by_length, max_seq_length):
         "train_limit": cfg.train_examples, "max_steps": cfg.steps, "train_batch_size": cfg.train_batch_size,
         "group_by_length": group_by_length, "max_seq_length": max_seq_length, "lora_dropout": 0.0,
         "log_steps": max(cfg.steps // 4, 1), "eval_steps": 0, "save_steps": 10 ** 6, "overwrite": True,
-        "dtype": cfg.dtype, "seed": cfg.seed,
+        "dtype": cfg.dtype, "seed": cfg.seed, "gradient_checkpointing": cfg.gradient_checkpointing,
+        "share_prefix": share_prefix,
     })
 
 
@@ -118,7 +139,7 @@ def _rate(tcfg, elapsed):
 
 def run_trainer(tcfg, pad_to=None):
     """One Trainer run through the project's own builders; returns (stats, counting collator)."""
-    from transformers import Trainer, TrainerCallback
+    from transformers import TrainerCallback
 
     class StepClock(TrainerCallback):
         start = end = None
@@ -129,7 +150,7 @@ def run_trainer(tcfg, pad_to=None):
             self.end = time.perf_counter()
 
     from train_core import build_datasets, build_model, load_datasets_checked
-    from train_trainer import training_arguments
+    from train_trainer import make_trainer, training_arguments
 
     train_records, _ = load_datasets_checked(tcfg)
     model, tokenizer = build_model(tcfg)
@@ -139,22 +160,33 @@ def run_trainer(tcfg, pad_to=None):
     args.save_strategy = "no"
     args.report_to = []
     args.disable_tqdm = True
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     clock = StepClock()
-    trainer = Trainer(model=model, args=args, train_dataset=train_set, data_collator=counting, callbacks=[clock])
+    trainer = make_trainer(tcfg, model=model, args=args, train_dataset=train_set, data_collator=counting,
+                           callbacks=[clock])
     trainer.train()
     elapsed = clock.end - clock.start
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
-    return {"seconds": elapsed, "examples_per_second": _rate(tcfg, elapsed),
-            "non_padding_fraction": counting.real / counting.total, "final_loss": losses[-1]}, counting
+    timed = counting.batches[WARMUP_STEPS:tcfg.max_steps]
+    stats = {"seconds": elapsed, "examples_per_second": _rate(tcfg, elapsed),
+             "tokens_per_second": sum(int(b["attention_mask"].sum()) for b in timed) / elapsed,
+             "non_padding_fraction": counting.real / counting.total, "final_loss": losses[-1]}
+    if torch.cuda.is_available():
+        stats["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+    del trainer, model
+    return stats, counting
 
 
 def run_bare(tcfg, batches):
     """The same optimizer steps over the same batches with no Trainer: forward, backward, clip, step."""
-    from train_core import build_model, lr_lambda_schedule
+    from train_core import batch_loss, build_model, lr_lambda_schedule
 
     model, _ = build_model(tcfg)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).train()
+    if tcfg.gradient_checkpointing:
+        model.enable_input_require_grads()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=tcfg.learning_rate, betas=(tcfg.adam_beta1, tcfg.adam_beta2),
                                   eps=tcfg.adam_epsilon, weight_decay=tcfg.weight_decay)
@@ -165,7 +197,7 @@ def run_bare(tcfg, batches):
     for step, batch in enumerate(batches, 1):
         batch = {k: v.to(device) for k, v in batch.items()}
         with autocast:
-            loss = model(**batch).loss
+            loss = batch_loss(model, batch, tcfg)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, tcfg.max_grad_norm)
         optimizer.step()
@@ -178,7 +210,9 @@ def run_bare(tcfg, batches):
     real = sum(int(b["attention_mask"].sum()) for b in batches)
     total = sum(b["attention_mask"].numel() for b in batches)
     window = losses[-max(len(losses) // 4, 1):]
+    timed = batches[WARMUP_STEPS:]
     return {"seconds": elapsed, "examples_per_second": _rate(tcfg, elapsed),
+            "tokens_per_second": sum(int(b["attention_mask"].sum()) for b in timed) / elapsed,
             "non_padding_fraction": real / total, "final_loss": sum(window) / len(window)}
 
 
@@ -215,16 +249,21 @@ def write_markdown(path, results, command):
         f"Model: {results['model']}. Ratios come from one run, variants side by side.", "",
         "## Training", "",
         f"{results['train_steps']} optimizer steps of {results['train_batch_size']} MSRA examples each; "
-        f"the first {WARMUP_STEPS} are not timed.", "",
-        "| variant | examples/s | non-padding tokens | final loss |", "|---|---|---|---|",
+        f"the first {WARMUP_STEPS} are not timed; gradient checkpointing {results['gradient_checkpointing']}.", "",
+        "| variant | examples/s | tokens/s | non-padding tokens | final loss |", "|---|---|---|---|---|",
     ]
     names = {"seed": "(a) seed recipe: pad to 192, random batches", "ours": "(b) train_trainer.py default",
-             "bare": "(c) bare PyTorch loop, batches of (b)"}
+             "bare": "(c) bare PyTorch loop, batches and loss of (b)",
+             "no_prefix": "(b') (b) with share_prefix=False"}
     for key, label in names.items():
         r = t[key]
-        lines.append(f"| {label} | {r['examples_per_second']:.2f} | {r['non_padding_fraction']:.1%} | {r['final_loss']:.3f} |")
+        memory = f" (peak {r['peak_memory_gib']:.1f} GiB)" if "peak_memory_gib" in r else ""
+        lines.append(f"| {label}{memory} | {r['examples_per_second']:.2f} | {r['tokens_per_second']:.0f} | "
+                     f"{r['non_padding_fraction']:.1%} | {r['final_loss']:.3f} |")
     lines += ["", f"- train_speedup_vs_seed (b/a): **{results['train_speedup_vs_seed']:.2f}**",
-              f"- train_efficiency_vs_bare (b/c): **{results['train_efficiency_vs_bare']:.2f}**", "",
+              f"- train_efficiency_vs_bare (b/c): **{results['train_efficiency_vs_bare']:.2f}**",
+              f"- train_speedup_prefix (b/b'): **{results['train_speedup_prefix']:.2f}** (the same batches; "
+              f"the shared prompt prefix runs once per batch instead of once per example)", "",
               "## Evaluation", "",
               f"{results['eval_examples']} MSRA test sentences, {results['max_new_tokens']} new tokens each (greedy).", "",
               "| variant | examples/s |", "|---|---|"]
@@ -247,8 +286,9 @@ def main(argv=None):
     if not model_dir:
         model_dir = str(work / "random-llama")
         n_params = build_random_model(cfg, model_dir)
-        model_desc = (f"random LLaMA, hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers, "
-                      f"{n_params / 1e6:.1f}M parameters, fp32")
+        shape = SHAPES[cfg.shape]
+        model_desc = (f"random LLaMA ({cfg.shape} shape: hidden {shape['hidden_size']}, "
+                      f"{shape['num_hidden_layers']} layers, {n_params / 1e6:.1f}M parameters), dtype {cfg.dtype}")
     else:
         model_desc = f"{model_dir} ({cfg.dtype})"
 
@@ -258,25 +298,33 @@ def main(argv=None):
     train["ours"], counting = run_trainer(ours_cfg)
     seed_cfg = train_config(cfg, model_dir, str(work / "seed"), False, cfg.seed_max_length)
     train["seed"], _ = run_trainer(seed_cfg, pad_to=cfg.seed_max_length)
+    plain_cfg = train_config(cfg, model_dir, str(work / "plain"), True, 256, share_prefix=False)
+    train["no_prefix"], _ = run_trainer(plain_cfg)
     train["bare"] = run_bare(ours_cfg, counting.batches[:cfg.steps])
 
     records = load_data(cfg.test_path)[:cfg.eval_examples]
-    evals, identical = run_eval(model_dir, records, cfg)
+    if cfg.skip_eval:
+        evals, identical = {k: {"examples_per_second": float("nan")} for k in ("single", "batched", "prefix_cache")}, None
+    else:
+        evals, identical = run_eval(model_dir, records, cfg)
 
     results = {
         "machine": machine(), "date": time.strftime("%Y-%m-%d"), "model": model_desc,
         "train_steps": cfg.steps, "train_batch_size": cfg.train_batch_size,
+        "gradient_checkpointing": cfg.gradient_checkpointing,
         "eval_examples": len(records), "max_new_tokens": cfg.max_new_tokens, "quick": cfg.quick,
         "train": train, "eval": evals,
         "train_speedup_vs_seed": train["ours"]["examples_per_second"] / train["seed"]["examples_per_second"],
         "train_efficiency_vs_bare": train["ours"]["examples_per_second"] / train["bare"]["examples_per_second"],
+        "train_speedup_prefix": train["ours"]["examples_per_second"] / train["no_prefix"]["examples_per_second"],
         "eval_speedup_vs_single": evals["batched"]["examples_per_second"] / evals["single"]["examples_per_second"],
         "eval_speedup_prefix_cache": evals["prefix_cache"]["examples_per_second"] / evals["batched"]["examples_per_second"],
         "eval_outputs_identical": identical,
     }
     Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)
     Path(cfg.output).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    command = "make bench QUICK=1" if cfg.quick else "make bench"
+    given = list(sys.argv[1:] if argv is None else argv)
+    command = " ".join(["python bench/bench.py", *given])
     write_markdown(cfg.markdown, results, command)
     print(json.dumps({k: v for k, v in results.items() if k.startswith(("train_s", "train_e", "eval_"))}, indent=2))
     print(f"wrote {cfg.output} and {cfg.markdown}")

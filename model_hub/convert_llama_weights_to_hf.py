@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from config_utils import UserError  # noqa: E402
+from config_utils import run_cli  # noqa: E402
 from model_hub._llama_layout import (  # noqa: E402
     IGNORED_TENSORS, ModelHubError, check_output_dir, dtype_name, has_tokenizer,
     load_torch_file, meta_to_hf_permute, parse_dtype, parse_size, plan_shards, prepare_output_dir,
@@ -290,11 +290,7 @@ def convert(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        return convert(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    return run_cli(lambda: convert(args))
 
 
 if __name__ == "__main__":

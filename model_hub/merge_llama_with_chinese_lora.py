@@ -35,7 +35,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from config_utils import UserError  # noqa: E402
+from config_utils import run_cli  # noqa: E402
 from model_hub._llama_layout import (  # noqa: E402
     IGNORED_TENSORS, ModelHubError, check_output_dir, copy_tokenizer_files, has_tokenizer,
     hf_to_meta_permute, load_torch_file, meta_ffn_params, prepare_output_dir, read_json,
@@ -381,11 +381,7 @@ def merge(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        return merge(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    return run_cli(lambda: merge(args))
 
 
 if __name__ == "__main__":

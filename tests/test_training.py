@@ -91,7 +91,7 @@ def test_two_processes_match_one_process(tmp_path, tiny_model, train16, script):
     common = {**SHORT, "model_dir": tiny_model, "train_path": train16, "dev_path": train16}
     two = run_cmd([DEEPSPEED, "--num_gpus", "2", script,
                    *as_argv({**common, "train_batch_size": 2, "save_dir": tmp_path / "two"})])
-    one = run_cmd([PYTHON, script, *as_argv({**common, "train_batch_size": 4, "save_dir": tmp_path / "one"})])
+    run_cmd([PYTHON, script, *as_argv({**common, "train_batch_size": 4, "save_dir": tmp_path / "one"})])
     # The command line is what the engine trains with (read back from the engine itself).
     engine = json.loads(two.stdout.split("deepspeed engine: ")[1].splitlines()[0])
     assert engine["world_size"] == 2 and engine["micro_batch_per_gpu"] == 2
@@ -216,3 +216,38 @@ def test_mpirun_launches_train_deepspeed(tmp_path, tiny_model, train16):
     engine = json.loads(proc.stdout.split("deepspeed engine: ")[1].splitlines()[0])
     assert engine["world_size"] == 2  # MPI discovery gave both ranks one process group
     assert (tmp_path / "mpi" / "adapter_model" / "adapter_model.safetensors").is_file()
+
+
+def test_shared_prefix_loss_and_gradients_equal_the_plain_forward(tiny_model, train16):
+    from config_utils import parse_config
+    from train_core import (TRAIN_DEFAULTS, build_datasets, build_model, load_datasets_checked,
+                            shared_prefix_length, shared_prefix_loss)
+
+    cfg = parse_config(TRAIN_DEFAULTS, {"model_dir": str(tiny_model), "train_path": str(train16), "dev_path": "",
+                                        "lora_dropout": 0.0, "lora_modules_to_save": "embed_tokens,lm_head"})
+    records, _ = load_datasets_checked(cfg)
+    model, tokenizer = build_model(cfg)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # non-zero B, so LoRA gradients flow through every projection
+            torch.nn.init.normal_(p, std=0.02)
+    train, _, collate = build_datasets(cfg, tokenizer, records, [])
+    batch = collate.pad([train[i] for i in range(8)])
+    # The shared part is BOS + template + instruction: count it from the rows themselves.
+    rows = batch["input_ids"].tolist()
+    common = next(i for i in range(len(rows[0])) if len({r[i] for r in rows}) > 1)
+    assert shared_prefix_length(batch) == common > 16
+    model.train()
+
+    def loss_and_grads(loss_fn):
+        model.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        return float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    n_items = int((batch["labels"][:, 1:] != -100).sum())
+    plain, plain_grads = loss_and_grads(lambda: model(**batch, num_items_in_batch=n_items).loss)
+    shared, shared_grads = loss_and_grads(lambda: shared_prefix_loss(model, batch, n_items))
+    assert shared == pytest.approx(plain, rel=1e-6)
+    assert plain_grads.keys() == shared_grads.keys() and len(plain_grads) > 10
+    for name in plain_grads:
+        torch.testing.assert_close(shared_grads[name], plain_grads[name], rtol=1e-4, atol=1e-6)

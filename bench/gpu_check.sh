@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The prepared GPU check: LoRA training at LLaMA-7B's shape (vocabulary 49,954) in bf16 on MSRA,
+# 100 optimizer steps at the default batch size, with and without gradient checkpointing
+# (tokens/s and peak GPU memory), plus the evaluation benchmark at that size. Random weights cost
+# the same compute as real ones. Expected under 8 minutes on one H100; run after `make venv`.
+#   bash bench/gpu_check.sh            results in bench/out/{results_gpu*.json,BENCHMARKS_gpu*.md}
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+OUT=${OUT:-bench/out}
+WORK=${WORK:-/tmp/bench-7b}
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+test -f data/msra/instruct_data/test.txt || $PY process.py
+test -f model_hub/tiny-llama/tokenizer.json || $PY model_hub/build_tiny_llama.py
+$PY bench/bench.py --shape=7b --dtype=bf16 --train_steps=100 --work_dir="$WORK" \
+    --output="$OUT/results_gpu.json" --markdown="$OUT/BENCHMARKS_gpu.md"
+$PY bench/bench.py --model_dir="$WORK/random-llama" --dtype=bf16 --train_steps=100 \
+    --gradient_checkpointing=True --skip_eval=True --work_dir="$WORK" \
+    --output="$OUT/results_gpu_gc.json" --markdown="$OUT/BENCHMARKS_gpu_gc.md"
