@@ -188,8 +188,9 @@ def run_bare(tcfg, batches):
     if tcfg.gradient_checkpointing:
         model.enable_input_require_grads()
     params = [p for p in model.parameters() if p.requires_grad]
+    # The Trainer's default optimizer (adamw_torch_fused), so only the Trainer around it differs.
     optimizer = torch.optim.AdamW(params, lr=tcfg.learning_rate, betas=(tcfg.adam_beta1, tcfg.adam_beta2),
-                                  eps=tcfg.adam_epsilon, weight_decay=tcfg.weight_decay)
+                                  eps=tcfg.adam_epsilon, weight_decay=tcfg.weight_decay, fused=True)
     scheduler = lr_lambda_schedule(tcfg, len(batches))[0](optimizer)
     _, mixed = __import__("train_core").training_dtype(tcfg)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=mixed == "bf16")
