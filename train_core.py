@@ -275,8 +275,8 @@ def plot_loss_curve(log_history, path):
     return path
 
 
-def lr_lambda_schedule(cfg, total_steps):
-    """The warmup-then-decay schedule both trainers use (transformers' own scheduler functions)."""
+def lr_schedule(cfg, total_steps):
+    """optimizer -> the warmup-then-decay scheduler both trainers use (transformers' own functions)."""
     from transformers import get_scheduler
 
     warmup = math.ceil(cfg.warmup_ratio * total_steps)  # as TrainingArguments rounds a ratio
@@ -285,7 +285,7 @@ def lr_lambda_schedule(cfg, total_steps):
         return get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
                              num_training_steps=total_steps)
 
-    return build, warmup
+    return build
 
 
 MIN_SHARED_TOKENS = 16  # below this, a separate prefix pass costs more than it saves

@@ -21,7 +21,7 @@ from config_utils import ConfigError, parse_config, run_cli
 from dataset import length_grouped_indices
 from train_core import (
     ADAPTER_DIR, TRAIN_DEFAULTS, batch_loss, build_datasets, build_model, export_adapter, load_datasets_checked,
-    lr_lambda_schedule, plot_loss_curve, prepare_save_dir, report_engine, resolve_resume, start_run,
+    lr_schedule, plot_loss_curve, prepare_save_dir, report_engine, resolve_resume, start_run,
     training_dtype, write_json,
 )
 
@@ -169,7 +169,7 @@ def main(argv=None):
             f"{micro * world * gas} examples (train_batch_size x processes x gradient_accumulation_steps)"
         )
     total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * steps_per_epoch)
-    schedule, _ = lr_lambda_schedule(cfg, total_steps)
+    schedule = lr_schedule(cfg, total_steps)
 
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],

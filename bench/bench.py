@@ -180,7 +180,7 @@ def run_trainer(tcfg, pad_to=None):
 
 def run_bare(tcfg, batches):
     """The same optimizer steps over the same batches with no Trainer: forward, backward, clip, step."""
-    from train_core import batch_loss, build_model, lr_lambda_schedule
+    from train_core import batch_loss, build_model, lr_schedule, training_dtype
 
     model, _ = build_model(tcfg)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -191,8 +191,8 @@ def run_bare(tcfg, batches):
     # The Trainer's default optimizer (adamw_torch_fused), so only the Trainer around it differs.
     optimizer = torch.optim.AdamW(params, lr=tcfg.learning_rate, betas=(tcfg.adam_beta1, tcfg.adam_beta2),
                                   eps=tcfg.adam_epsilon, weight_decay=tcfg.weight_decay, fused=True)
-    scheduler = lr_lambda_schedule(tcfg, len(batches))[0](optimizer)
-    _, mixed = __import__("train_core").training_dtype(tcfg)
+    scheduler = lr_schedule(tcfg, len(batches))(optimizer)
+    _, mixed = training_dtype(tcfg)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=mixed == "bf16")
     losses = []
     for step, batch in enumerate(batches, 1):

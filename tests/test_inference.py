@@ -56,6 +56,19 @@ def test_greedy_outputs_do_not_depend_on_batch_size(loaded, mixed_records):
     assert len(set(results[0])) > 3  # different prompts, different answers: not a degenerate check
 
 
+def test_shared_prefix_cache_gives_the_same_outputs(loaded, mixed_records):
+    from model_utils import NerCollate, ner_generate, shared_prefix_length
+
+    model, tokenizer, train_args = loaded
+    prompts = [NerCollate(train_args, tokenizer).inference_ids(r, 24)[0] for r in mixed_records]
+    assert shared_prefix_length(prompts) > 30  # template + instruction are really shared and cached
+    plain = ner_generate(model, tokenizer, train_args, mixed_records, batch_size=5, max_new_tokens=24,
+                         prefix_cache=False)[0]
+    cached = ner_generate(model, tokenizer, train_args, mixed_records, batch_size=5, max_new_tokens=24,
+                          prefix_cache=True)[0]
+    assert cached == plain
+
+
 def test_inference_prompt_is_the_training_prompt(loaded, mixed_records, monkeypatch):
     import model_utils
 
