@@ -167,7 +167,9 @@ def _is_number(text):
 def parse_config(defaults, argv=None):
     """Defaults dict or ready Config/dict of overrides -> Config. Tests pass a dict of overrides."""
     if isinstance(argv, dict):
-        argv = [f"--{k}={v!r}" if not isinstance(v, str) else f"--{k}={v}" for k, v in argv.items()]
+        # Python values travel as literals; anything else (str, Path) as its text.
+        literal = (bool, int, float, list, tuple, dict, type(None))
+        argv = [f"--{k}={v!r}" if isinstance(v, literal) else f"--{k}={v}" for k, v in argv.items()]
     return ConfigParser(defaults).parse_main(argv)
 
 

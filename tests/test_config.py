@@ -298,3 +298,13 @@ def test_script_main_takes_a_list_of_arguments():
     process = load_script("process")
     with pytest.raises(ConfigError, match="dev_size"):
         process.main(["--dev_size=many"])
+
+
+def test_parse_config_takes_a_dict_of_python_values():
+    from pathlib import Path
+
+    from config_utils import parse_config
+
+    cfg = parse_config({"path": "a", "n": 1, "lr": 0.1, "flag": False, "names": ["x"], "any": None},
+                       {"path": Path("/data/x.txt"), "n": 3, "lr": 2, "flag": True, "names": ["p", "q"], "any": "t"})
+    assert (cfg.path, cfg.n, cfg.lr, cfg.flag, cfg.names, cfg.any) == ("/data/x.txt", 3, 2.0, True, ["p", "q"], "t")
