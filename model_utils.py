@@ -266,7 +266,7 @@ def generate(model, tokenizer, prompts, max_new_tokens=64, batch_size=8, progres
     prefix_kv = None
     if shared:
         prefix = torch.tensor([prompts[0][:shared]], device=device)
-        prefix_kv = model(input_ids=prefix, use_cache=True).cache
+        prefix_kv = model(input_ids=prefix, use_cache=True, logits_to_keep=1).cache  # only K/V are needed
     outputs = [None] * len(prompts)
     for batch in _length_sorted_batches([len(p) for p in prompts], batch_size):
         longest = max(len(prompts[i]) for i in batch)

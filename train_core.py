@@ -329,7 +329,7 @@ def shared_prefix_loss(model, batch, num_items_in_batch=None):
     if n == 0:
         return model(**batch, **kwargs).loss
     ids = batch["input_ids"]
-    cache = model(input_ids=ids[:1, :n], use_cache=True).cache
+    cache = model(input_ids=ids[:1, :n], use_cache=True, logits_to_keep=1).cache  # its logits carry no loss
     cache.batch_repeat_interleave(ids.shape[0])
     out = model(input_ids=ids[:, n:], attention_mask=batch["attention_mask"], labels=batch["labels"][:, n:],
                 cache=cache, use_cache=True, **kwargs)
