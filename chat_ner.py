@@ -70,6 +70,9 @@ class Chat:
         )
         # Room for the answer inside the model's context window.
         self.max_prompt = self.model.config.max_position_embeddings - args.max_new_tokens
+        if self.max_prompt < 16:
+            raise UserError(f"--max_new_tokens {args.max_new_tokens} leaves no room for the input in the "
+                            f"model's {self.model.config.max_position_embeddings}-token context")
         self.sampling = {}
         if args.do_sample:
             self.sampling = dict(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
@@ -116,8 +119,16 @@ def file_mode(chat, data_file, predictions_file):
 
 
 def run(args):
-    if args.data_file and not os.path.isfile(args.data_file):
-        raise UserError(f"{args.data_file}: no such file")
+    if args.data_file:
+        if not os.path.isfile(args.data_file):
+            raise UserError(f"{args.data_file}: no such file")
+        try:
+            open(args.data_file, encoding="utf-8").read()
+        except UnicodeDecodeError as e:
+            raise UserError(f"{args.data_file}: not UTF-8 ({e.reason})") from None
+        out_dir = os.path.dirname(os.path.abspath(args.predictions_file))
+        if not os.path.isdir(out_dir):
+            raise UserError(f"--predictions_file: folder {out_dir} does not exist")
     chat = Chat(args)
     if args.interactive:
         interactive(chat)

@@ -135,12 +135,13 @@ class NerCollate:
             self.truncated += 1
         return {"input_ids": prompt_ids + answer_ids, "labels": [-100] * len(prompt_ids) + answer_ids}
 
-    def inference_ids(self, example, max_new_tokens):
+    def inference_ids(self, example, max_new_tokens, context=None):
         """Prompt ids for generation, the query shortened (as in training) so that prompt plus
-        `max_new_tokens` fit max_seq_length. Returns (ids, was_shortened)."""
+        `max_new_tokens` fit `context` tokens (default max_seq_length; generation passes the
+        model's context window). Returns (ids, was_shortened)."""
         instruct, query = example[self.instruct_column], example[self.query_column]
         ids = self.prompt_ids(instruct, query)
-        budget = self.max_seq_length - max_new_tokens
+        budget = (context or self.max_seq_length) - max_new_tokens
         if len(ids) <= budget:
             return ids, False
         return self._shorten_query(instruct, query, budget), True

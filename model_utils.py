@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from config_utils import UserError
-from dataset import PROMPT_ID, NerCollate
+from dataset import PROMPT_ID, NerCollate, TooLongError
 
 TRAIN_ARGS_FILE = "train_args.json"
 MODEL_HELP = (
@@ -54,9 +54,16 @@ def ner_generate(model, tokenizer, train_args, records, batch_size=16, max_new_t
     Returns (outputs, number of queries shortened to fit the trained max_seq_length).
     """
     collate = NerCollate(train_args, tokenizer)
+    context = model.config.max_position_embeddings
     prompts, shortened = [], 0
     for rec in records:
-        ids, cut = collate.inference_ids(rec, max_new_tokens)
+        try:
+            ids, cut = collate.inference_ids(rec, max_new_tokens, context)
+        except TooLongError:
+            raise ModelLoadError(
+                f"max_new_tokens={max_new_tokens} leaves no room for the prompt in the model's "
+                f"{context}-token context; lower max_new_tokens"
+            ) from None
         prompts.append(ids)
         shortened += cut
     outputs = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
@@ -77,7 +84,7 @@ def resolve_dtype(dtype="auto", device="cpu"):
         return dtype
     if dtype in (None, "", "auto"):
         if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
         return torch.float32
     names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
              "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -255,6 +262,9 @@ def generate(model, tokenizer, prompts, max_new_tokens=64, batch_size=8, progres
     pad_id = tokenizer.pad_token_id
     gen_config = GenerationConfig(
         max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+        # Explicit, so a base model's generation_config.json cannot add a repetition penalty:
+        # NER answers copy words from the input on purpose.
+        repetition_penalty=1.0, no_repeat_ngram_size=0,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id, bos_token_id=tokenizer.bos_token_id,
     )
     if sampling:

@@ -34,14 +34,13 @@ def read_inputs(cfg):
     path = Path(cfg.input_file)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
-    with path.open(encoding="utf-8") as f:
-        first = next((line for line in f if line.strip()), "")
-    if first.lstrip().startswith("{"):
-        return load_data(path, columns=("instruct", "query"))
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 ({e.reason})") from None
+    first = next((line for line in lines if line.strip()), "")
+    if first.lstrip().startswith("{"):
+        return load_data(path, columns=("instruct", "query"))
     records = [{"instruct": cfg.instruct, "query": QUERY_PREFIX + line.strip()} for line in lines if line.strip()]
     if not records:
         raise DataError(f"{path}:1: file holds no text")

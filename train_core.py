@@ -76,7 +76,7 @@ def training_dtype(cfg):
     cuda = torch.cuda.is_available()
     name = cfg.dtype
     if name == "auto":
-        name = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
+        name = ("bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16") if cuda else "fp32"
     aliases = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
     name = aliases.get(name, name)
     if name not in ("bf16", "fp16", "fp32"):
@@ -115,12 +115,27 @@ def prepare_save_dir(cfg):
                     f"save_dir '{save_dir}' holds a run of base model '{old.get('model_dir')}', "
                     f"not '{cfg.model_dir}'; pass the same model_dir or another save_dir"
                 )
-    elif _finished_adapter(save_dir) and not cfg.overwrite:
-        raise UserError(
-            f"save_dir '{save_dir}' already holds a finished adapter; pass --overwrite=True to "
-            f"replace it or --resume=True to continue its run"
-        )
+    else:
+        stale = sorted(save_dir.glob("checkpoint-*")) + sorted(save_dir.glob("checkpoints"))
+        if (_finished_adapter(save_dir) or stale) and not cfg.overwrite:
+            what = "a finished adapter" if _finished_adapter(save_dir) else "checkpoints of an earlier run"
+            raise UserError(
+                f"save_dir '{save_dir}' already holds {what}; pass --overwrite=True to start over "
+                f"(its checkpoints are removed) or --resume=True to continue its run"
+            )
+        if stale and global_rank() == 0:
+            # A fresh run must not resume from, or rotate against, the old run's checkpoints.
+            for path in stale:
+                shutil.rmtree(path, ignore_errors=True)
     check_model_dir(cfg.model_dir)
+
+
+def global_rank():
+    """This process's rank as the launchers (deepspeed, torchrun, mpirun) announce it."""
+    for var in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"):
+        if var in os.environ:
+            return int(os.environ[var])
+    return 0
 
 
 def latest_trainer_checkpoint(save_dir):
@@ -321,8 +336,10 @@ def shared_prefix_loss(model, batch, num_items_in_batch=None):
 
     The prefix's keys and values are computed for one row and repeated for the batch (the
     repeat is differentiable, so their gradients add up as in a full batch); the rows then run
-    only their own tokens on top. The loss and gradients equal the plain forward's up to float
-    rounding (tests/test_training.py checks both).
+    only their own tokens on top. Without LoRA dropout the loss and gradients equal the plain
+    forward's up to float rounding (tests/test_training.py checks both). With dropout the rows
+    share one dropout mask on the prefix: the expected gradient is unchanged, its noise is
+    correlated across the rows of a batch.
     """
     n = shared_prefix_length(batch)
     kwargs = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}

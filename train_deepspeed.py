@@ -55,8 +55,10 @@ def deepspeed_config(cfg, world_size):
             "params": {
                 "lr": cfg.learning_rate, "betas": [cfg.adam_beta1, cfg.adam_beta2],
                 "eps": cfg.adam_epsilon, "weight_decay": cfg.weight_decay,
-                # On CPU-only machines the fused CUDA kernel does not exist; use torch's AdamW.
-                **({} if torch.cuda.is_available() or cfg.offload_optimizer else {"torch_adam": True}),
+                # torch's AdamW: DeepSpeed's fused kernel needs a compiler at first use, and the
+                # optimizer step over LoRA weights is a negligible part of a step anyway.
+                # (offload_optimizer uses DeepSpeedCPUAdam, which DeepSpeed compiles itself.)
+                **({} if cfg.offload_optimizer else {"torch_adam": True}),
             },
         },
         "bf16": {"enabled": mixed == "bf16"},
@@ -116,11 +118,14 @@ def save_checkpoint(engine, cfg, step, log_history, rank):
     root = Path(cfg.save_dir) / CHECKPOINTS
     tag = f"global_step{step}"
     # Frozen base weights are excluded: a checkpoint holds the adapter, optimizer and scheduler.
-    engine.save_checkpoint(str(root), tag=tag, client_state={"step": step, "log_history": log_history},
-                           exclude_frozen_parameters=True)
+    # The RNG file first: DeepSpeed's `latest` (written by save_checkpoint) then marks a
+    # checkpoint that is complete with it.
+    (root / tag).mkdir(parents=True, exist_ok=True)
     torch.save({"python": random.getstate(), "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
                _rng_file(root / tag, rank))
+    engine.save_checkpoint(str(root), tag=tag, client_state={"step": step, "log_history": log_history},
+                           exclude_frozen_parameters=True)
     torch.distributed.barrier()
     if rank == 0 and cfg.save_total_limit > 0:
         done = sorted((int(p.name[len("global_step"):]), p) for p in root.glob("global_step*") if p.is_dir())
@@ -139,7 +144,7 @@ def load_checkpoint(engine, ckpt, rank):
         raise ConfigError(f"config key 'resume': '{ckpt}' is not a DeepSpeed checkpoint")
     rng = _rng_file(ckpt, rank)
     if rng.is_file():
-        state = torch.load(rng, weights_only=False)
+        state = torch.load(rng, weights_only=True)
         random.setstate(state["python"])
         torch.set_rng_state(state["torch"])
         if state["cuda"] is not None and torch.cuda.is_available():

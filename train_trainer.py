@@ -9,9 +9,11 @@ deepspeed.json only says how DeepSpeed shards and offloads. Checkpoints under sa
 the adapter, optimizer, scheduler and RNG state, never the base weights; the final adapter
 goes to <save_dir>/adapter_model/.
 """
+import json
 import os
+from pathlib import Path
 
-from config_utils import parse_config, run_cli
+from config_utils import ConfigError, parse_config, run_cli
 from train_core import (
     ADAPTER_DIR, TRAIN_DEFAULTS, batch_loss, build_datasets, build_model, export_adapter, latest_trainer_checkpoint,
     load_datasets_checked, plot_loss_curve, prepare_save_dir, report_engine, resolve_resume, start_run,
@@ -31,7 +33,8 @@ def make_trainer(cfg, **kwargs):
 
     class NerTrainer(Trainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            if return_outputs or not model.training:
+            # nn.DataParallel (several GPUs in one process) splits the batch itself: the plain path.
+            if return_outputs or not model.training or self.args.n_gpu > 1 or not cfg.share_prefix:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             loss = batch_loss(model, inputs, cfg, num_items_in_batch)
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
@@ -97,6 +100,14 @@ def main(argv=None):
     prepare_save_dir(cfg)
     resume_from = resolve_resume(cfg, latest_trainer_checkpoint)
     args = training_arguments(cfg)
+    if args.deepspeed:
+        if not Path(cfg.deepspeed_json_path).is_file():
+            raise ConfigError(f"config key 'deepspeed_json_path': {cfg.deepspeed_json_path} does not exist")
+        stage = json.loads(Path(cfg.deepspeed_json_path).read_text(encoding="utf-8")).get(
+            "zero_optimization", {}).get("stage", 0)
+        if stage == 3:
+            raise ConfigError(f"{cfg.deepspeed_json_path}: ZeRO stage 3 partitions the weights the adapter "
+                              f"export reads; use stage 0, 1 or 2 (LoRA's optimizer state is small)")
 
     model, tokenizer = build_model(cfg)
     train_set, dev_set, collate = build_datasets(cfg, tokenizer, train_records, dev_records)

@@ -69,6 +69,38 @@ def test_shared_prefix_cache_gives_the_same_outputs(loaded, mixed_records):
     assert cached == plain
 
 
+def test_greedy_ignores_the_models_generation_defaults(loaded, mixed_records):
+    from model_utils import ner_generate
+
+    model, tokenizer, train_args = loaded
+    before = ner_generate(model, tokenizer, train_args, mixed_records, max_new_tokens=24)[0]
+    config = model.generation_config
+    saved = (config.repetition_penalty, config.no_repeat_ngram_size)
+    # As a base model's generation_config.json may ask; answers copy input words on purpose.
+    config.repetition_penalty, config.no_repeat_ngram_size = 5.0, 2
+    try:
+        after = ner_generate(model, tokenizer, train_args, mixed_records, max_new_tokens=24)[0]
+    finally:
+        config.repetition_penalty, config.no_repeat_ngram_size = saved
+    assert after == before
+
+
+def test_too_many_new_tokens_for_the_context_is_a_clear_error(loaded, mixed_records):
+    from model_utils import ModelLoadError, ner_generate
+
+    model, tokenizer, train_args = loaded
+    with pytest.raises(ModelLoadError, match="max_new_tokens=1000 leaves no room"):
+        ner_generate(model, tokenizer, train_args, mixed_records[:1], max_new_tokens=1000)
+
+
+def test_predict_non_utf8_input_is_one_line(adapter, tmp_path):
+    bad = tmp_path / "gbk.txt"
+    bad.write_bytes("北京".encode("gbk") + b"\n")
+    proc = run_cmd([PYTHON, "predict.py", f"--lora_model={adapter}", f"--input_file={bad}"], check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: {bad}: not UTF-8")
+
+
 def test_inference_prompt_is_the_training_prompt(loaded, mixed_records, monkeypatch):
     import model_utils
 

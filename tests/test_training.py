@@ -251,3 +251,17 @@ def test_shared_prefix_loss_and_gradients_equal_the_plain_forward(tiny_model, tr
     assert plain_grads.keys() == shared_grads.keys() and len(plain_grads) > 10
     for name in plain_grads:
         torch.testing.assert_close(shared_grads[name], plain_grads[name], rtol=1e-4, atol=1e-6)
+
+
+def test_fresh_start_refuses_then_clears_an_earlier_runs_checkpoints(tmp_path, tiny_model, train16):
+    from config_utils import UserError, parse_config
+    from train_core import TRAIN_DEFAULTS, prepare_save_dir
+
+    for stale in ("checkpoint-1000", "checkpoints/global_step1000"):
+        (tmp_path / stale).mkdir(parents=True)
+    options = {"model_dir": str(tiny_model), "train_path": str(train16), "save_dir": str(tmp_path)}
+    with pytest.raises(UserError, match="holds checkpoints of an earlier run"):
+        prepare_save_dir(parse_config(TRAIN_DEFAULTS, options))
+    assert (tmp_path / "checkpoint-1000").is_dir()
+    prepare_save_dir(parse_config(TRAIN_DEFAULTS, {**options, "overwrite": True}))
+    assert not (tmp_path / "checkpoint-1000").exists() and not (tmp_path / "checkpoints").exists()
