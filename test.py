@@ -14,7 +14,7 @@ from pathlib import Path
 from config_utils import ConfigError, parse_config, run_cli
 from dataset import QUERY_PREFIX, load_data
 from metrics import format_table, parse_answer, score
-from model_utils import INFER_DEFAULTS, load_from_config, ner_generate
+from model_utils import INFER_DEFAULTS, load_from_config, ner_generate, read_train_args
 
 DEFAULTS = {
     **INFER_DEFAULTS,
@@ -30,16 +30,14 @@ def main(argv=None):
     cfg = parse_config(DEFAULTS, argv)
     if cfg.no_adapter and not cfg.model_dir:
         raise ConfigError("no_adapter=True needs --model_dir=<base model>")
-    records = load_data(cfg.test_path)  # checked before the model loads
+    # The test file is checked, with the columns the adapter was trained on, before the model loads.
+    recorded = {} if cfg.no_adapter else (read_train_args(cfg.lora_model) or {})
+    query_col = recorded.get("query_column", "query")
+    answer_col = recorded.get("response_column", "answer")
+    records = load_data(cfg.test_path, (recorded.get("instruct_column", "instruct"), query_col, answer_col))
     if cfg.limit > 0:
         records = records[:cfg.limit]
     model, tokenizer, train_args = load_from_config(cfg)
-    query_col = train_args.get("query_column", "query")
-    answer_col = train_args.get("response_column", "answer")
-    for rec_no, rec in enumerate(records, 1):
-        for col in (train_args.get("instruct_column", "instruct"), query_col, answer_col):
-            if col not in rec:
-                raise ConfigError(f"{cfg.test_path}:{rec_no}: missing column '{col}' the adapter was trained with")
 
     start = time.perf_counter()
     with tqdm(total=len(records), desc="test", unit="ex") as bar:

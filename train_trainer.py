@@ -13,6 +13,8 @@ import json
 import os
 from pathlib import Path
 
+import torch
+
 from config_utils import ConfigError, parse_config, run_cli
 from train_core import (
     ADAPTER_DIR, TRAIN_DEFAULTS, batch_loss, build_datasets, build_model, export_adapter, latest_trainer_checkpoint,
@@ -89,7 +91,7 @@ def training_arguments(cfg):
         ddp_find_unused_parameters=False,
         deepspeed=cfg.deepspeed_json_path if use_deepspeed(cfg) else None,
         enable_jit_checkpoint=cfg.jit_checkpoint,
-        use_cpu=not __import__("torch").cuda.is_available(),
+        use_cpu=not torch.cuda.is_available(),
         disable_tqdm=False,
     )
 
