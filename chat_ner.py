@@ -16,12 +16,19 @@ import os
 import sys
 
 from config_utils import UserError, run_cli
-from dataset import DEFAULT_INSTRUCT, QUERY_PREFIX, encode_prompt
+from dataset import DEFAULT_INSTRUCT, QUERY_PREFIX, atomic_write_text, encode_prompt, read_text
 
 BANNER = """+ 该模式下仅支持单轮问答，无多轮对话能力。空行、Ctrl-D 或 Ctrl-C 退出。
 + This mode only supports single-turn QA. An empty line, Ctrl-D or Ctrl-C quits.
 =====================================================================================
 """
+
+
+def _positive(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
 
 
 def parse_args(argv=None):
@@ -35,8 +42,8 @@ def parse_args(argv=None):
     p.add_argument("--predictions_file", default="./predictions.json", help="where file mode writes its outputs")
     p.add_argument("--gpus", default="0", help="CUDA_VISIBLE_DEVICES for this run, e.g. 0,1")
     p.add_argument("--only_cpu", action="store_true", help="run on the CPU even when a GPU exists")
-    p.add_argument("--max_new_tokens", type=int, default=128)
-    p.add_argument("--batch_size", type=int, default=8, help="inputs generated together in file mode")
+    p.add_argument("--max_new_tokens", type=_positive, default=128)
+    p.add_argument("--batch_size", type=_positive, default=8, help="inputs generated together in file mode")
     p.add_argument("--do_sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--top_p", type=float, default=0.9)
@@ -49,25 +56,30 @@ def parse_args(argv=None):
     return args
 
 
-def prompt_ids(tokenizer, text, with_prompt):
+def prompt_ids(tokenizer, text, with_prompt, default_instruct=None):
+    """Token ids for one input. `<instruction>文本：<sentence>` is split as training joined it (a bare
+    `文本：<sentence>` gets `default_instruct`); any other text is a plain Alpaca instruction."""
+    text = text.strip().removeprefix("\ufeff").strip()
     if not with_prompt:
         return [tokenizer.bos_token_id] + tokenizer.encode(text, add_special_tokens=False)
     if QUERY_PREFIX in text:
         instruct, _, sentence = text.partition(QUERY_PREFIX)
-        return encode_prompt(tokenizer, instruct.strip() or DEFAULT_INSTRUCT, QUERY_PREFIX + sentence.strip())
+        return encode_prompt(tokenizer, instruct.strip() or default_instruct or DEFAULT_INSTRUCT,
+                             QUERY_PREFIX + sentence.strip())
     return encode_prompt(tokenizer, text)
 
 
 class Chat:
     def __init__(self, args):
-        from model_utils import generate, load_for_inference
+        from model_utils import generate, instruct_for, load_for_inference
 
         self._generate = generate
         self.args = args
-        self.model, self.tokenizer, _ = load_for_inference(
+        self.model, self.tokenizer, train_args = load_for_inference(
             args.lora_model, model_dir=args.base_model, tokenizer_path=args.tokenizer_path,
             device="cpu" if args.only_cpu else "auto",
         )
+        self.instruct = instruct_for(train_args)  # for a bare `文本：<sentence>`
         # Room for the answer inside the model's context window.
         self.max_prompt = self.model.config.max_position_embeddings - args.max_new_tokens
         if self.max_prompt < 16:
@@ -80,7 +92,7 @@ class Chat:
     def respond(self, texts):
         prompts = []
         for text in texts:
-            ids = prompt_ids(self.tokenizer, text, self.args.with_prompt)
+            ids = prompt_ids(self.tokenizer, text, self.args.with_prompt, self.instruct)
             if len(ids) > self.max_prompt:
                 print(f"warning: input is {len(ids)} tokens; keeping the last {self.max_prompt} to fit the "
                       f"model's context", file=sys.stderr)
@@ -107,25 +119,25 @@ def interactive(chat):
         print(f"Response:  {response}\n", flush=True)
 
 
-def file_mode(chat, data_file, predictions_file):
-    with open(data_file, encoding="utf-8") as f:
-        inputs = [line.strip() for line in f if line.strip()]
+def read_inputs(data_file):
+    inputs = [line.strip() for line in read_text(data_file).splitlines() if line.strip()]
+    if not inputs:
+        raise UserError(f"{data_file}:1: file holds no input")
+    return inputs
+
+
+def file_mode(chat, inputs, predictions_file):
     outputs = chat.respond(inputs)
     results = [{"id": i, "input": text, "output": out} for i, (text, out) in enumerate(zip(inputs, outputs))]
-    with open(predictions_file, "w", encoding="utf-8") as f:
-        json.dump(results, f, ensure_ascii=False, indent=2)
+    atomic_write_text(predictions_file, json.dumps(results, ensure_ascii=False, indent=2) + "\n")
     print(f"wrote {len(results)} responses to {predictions_file}")
     return results
 
 
 def run(args):
+    inputs = None
     if args.data_file:
-        if not os.path.isfile(args.data_file):
-            raise UserError(f"{args.data_file}: no such file")
-        try:
-            open(args.data_file, encoding="utf-8").read()
-        except UnicodeDecodeError as e:
-            raise UserError(f"{args.data_file}: not UTF-8 ({e.reason})") from None
+        inputs = read_inputs(args.data_file)  # checked before the model loads
         out_dir = os.path.dirname(os.path.abspath(args.predictions_file))
         if not os.path.isdir(out_dir):
             raise UserError(f"--predictions_file: folder {out_dir} does not exist")
@@ -133,7 +145,7 @@ def run(args):
     if args.interactive:
         interactive(chat)
     else:
-        file_mode(chat, args.data_file, args.predictions_file)
+        file_mode(chat, inputs, args.predictions_file)
 
 
 def main(argv=None):

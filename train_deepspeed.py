@@ -13,6 +13,7 @@ import math
 import os
 import random
 import shutil
+import socket
 from pathlib import Path
 
 import torch
@@ -21,8 +22,8 @@ from config_utils import ConfigError, parse_config, run_cli
 from dataset import length_grouped_indices
 from train_core import (
     ADAPTER_DIR, TRAIN_DEFAULTS, batch_loss, build_datasets, build_model, export_adapter, load_datasets_checked,
-    lr_schedule, plot_loss_curve, prepare_save_dir, report_engine, resolve_resume, start_run,
-    training_dtype, write_json,
+    load_checkpoint_file, load_training_tokenizer, lr_schedule, plot_loss_curve, prepare_save_dir, report_engine, resolve_resume,
+    save_dir_lock, start_run, training_dtype, validate_train_config, write_json,
 )
 
 CHECKPOINTS = "checkpoints"  # engine checkpoints live in <save_dir>/checkpoints/global_step<N>/
@@ -35,13 +36,17 @@ DEFAULTS = {
 }
 
 
-def deepspeed_config(cfg, world_size):
-    """The DeepSpeed JSON, derived from the config dict so it never drifts from it."""
-    _, mixed = training_dtype(cfg)
+def check_zero_stage(cfg):
     if cfg.zero_stage not in (0, 1, 2):
         raise ConfigError(
             "config key 'zero_stage': use 0, 1 or 2 (stage 3 partitions the weights the adapter export reads)"
         )
+
+
+def deepspeed_config(cfg, world_size):
+    """The DeepSpeed JSON, derived from the config dict so it never drifts from it."""
+    _, mixed = training_dtype(cfg)
+    check_zero_stage(cfg)
     zero = {"stage": cfg.zero_stage}
     if cfg.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
@@ -114,7 +119,7 @@ def _rng_file(ckpt, rank):
     return Path(ckpt) / f"rng_state_{rank}.pt"
 
 
-def save_checkpoint(engine, cfg, step, log_history, rank):
+def save_checkpoint(engine, tokenizer, cfg, step, log_history, rank):
     root = Path(cfg.save_dir) / CHECKPOINTS
     tag = f"global_step{step}"
     # Frozen base weights are excluded: a checkpoint holds the adapter, optimizer and scheduler.
@@ -126,6 +131,10 @@ def save_checkpoint(engine, cfg, step, log_history, rank):
                _rng_file(root / tag, rank))
     engine.save_checkpoint(str(root), tag=tag, client_state={"step": step, "log_history": log_history},
                            exclude_frozen_parameters=True)
+    if rank == 0:
+        # The adapter as of this step, for evaluating a run in progress. It stays inside its
+        # checkpoint: <save_dir>/adapter_model/ appears only when training has finished.
+        export_adapter(engine.module, tokenizer, cfg, out_dir=root / tag / ADAPTER_DIR)
     torch.distributed.barrier()
     if rank == 0 and cfg.save_total_limit > 0:
         done = sorted((int(p.name[len("global_step"):]), p) for p in root.glob("global_step*") if p.is_dir())
@@ -138,7 +147,14 @@ def latest_engine_checkpoint(save_dir):
     return str(latest.parent / latest.read_text().strip()) if latest.is_file() else None
 
 
+def restrict_checkpoint_loading(engine):
+    """Make the engine read checkpoint files through train_core.load_checkpoint_file
+    (weights_only=True): DeepSpeed itself unpickles them with weights_only=False."""
+    engine.checkpoint_engine.load = load_checkpoint_file
+
+
 def load_checkpoint(engine, ckpt, rank):
+    restrict_checkpoint_loading(engine)
     path, client = engine.load_checkpoint(str(Path(ckpt).parent), tag=Path(ckpt).name, load_module_strict=False)
     if path is None:
         raise ConfigError(f"config key 'resume': '{ckpt}' is not a DeepSpeed checkpoint")
@@ -152,20 +168,66 @@ def load_checkpoint(engine, ckpt, rank):
     return client["step"], client["log_history"]
 
 
+def distributed_port():
+    """MASTER_PORT when the launcher or the user set it, else a port that is free now.
+
+    DeepSpeed's MPI discovery (plain `python`, or mpirun) would otherwise set 29500 every time,
+    so a second run on the same machine dies on a taken port. Under mpirun rank 0 picks the
+    port and tells the others.
+    """
+    if "MASTER_PORT" in os.environ:
+        return int(os.environ["MASTER_PORT"])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    if int(os.environ.get("OMPI_COMM_WORLD_SIZE", os.environ.get("PMI_SIZE", "1"))) > 1:
+        from mpi4py import MPI
+
+        port = MPI.COMM_WORLD.bcast(port, root=0)
+    return port
+
+
 def main(argv=None):
+    cfg = parse_config(DEFAULTS, argv)
+    validate_train_config(cfg)
+    check_zero_stage(cfg)
+    train_records, dev_records = load_datasets_checked(cfg)  # fail fast, before the model loads
+    with save_dir_lock(cfg.save_dir):
+        return train(cfg, train_records, dev_records)
+
+
+def train_step(engine, train_set, collate, micro_batches, n_items, cfg, rank, world):
+    """One optimizer step over this rank's share of the step's micro-batches; returns the step's
+    loss averaged over every rank (the mean over all answer tokens of the step)."""
+    gas = len(micro_batches)
+    step_loss = 0.0
+    for per_rank in micro_batches:
+        batch = collate.pad([train_set[i] for i in per_rank[rank]])
+        batch = {k: v.to(engine.device) for k, v in batch.items()}
+        # Sum of token losses / tokens in the whole step, times the factors DeepSpeed
+        # divides by (accumulation steps, data-parallel ranks): an exact global mean.
+        loss = batch_loss(engine, batch, cfg, num_items_in_batch=n_items) * (world * gas)
+        engine.backward(loss)
+        engine.step()
+        step_loss += float(loss.detach()) / (world * gas)
+    total = torch.tensor([step_loss], device=engine.device)
+    torch.distributed.all_reduce(total)
+    return float(total)
+
+
+def train(cfg, train_records, dev_records):
     import deepspeed
     from tqdm import tqdm
 
-    cfg = parse_config(DEFAULTS, argv)
-    train_records, dev_records = load_datasets_checked(cfg)  # fail fast, before the model loads
     prepare_save_dir(cfg)
     resume_from = resolve_resume(cfg, latest_engine_checkpoint)
 
-    deepspeed.init_distributed(auto_mpi_discovery=True)
-    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-
-    model, tokenizer = build_model(cfg)
+    tokenizer = load_training_tokenizer(cfg)
+    # Tokenised and checked before the weights load: a max_seq_length nothing fits fails in seconds.
     train_set, dev_set, collate = build_datasets(cfg, tokenizer, train_records, dev_records)
+
+    deepspeed.init_distributed(auto_mpi_discovery=True, distributed_port=distributed_port())
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     micro, gas = cfg.train_batch_size, cfg.gradient_accumulation_steps
     steps_per_epoch = len(train_set) // (micro * world) // gas
     if steps_per_epoch == 0:
@@ -173,6 +235,7 @@ def main(argv=None):
             f"{len(train_set)} training examples do not fill one optimizer step of "
             f"{micro * world * gas} examples (train_batch_size x processes x gradient_accumulation_steps)"
         )
+    model, tokenizer = build_model(cfg, tokenizer)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * steps_per_epoch)
     schedule = lr_schedule(cfg, total_steps)
 
@@ -189,7 +252,8 @@ def main(argv=None):
 
         report_engine(engine)
         start_run(cfg, model, tokenizer, train_set, dev_set, collate)
-        print(f"{world} process(es), {total_steps} optimizer steps")
+        print(f"{world} process(es), {total_steps} optimizer steps; rendezvous at "
+              f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}")
 
         writer = SummaryWriter(os.path.join(cfg.save_dir, "runs"))
 
@@ -205,20 +269,8 @@ def main(argv=None):
             if s < skip:
                 continue  # already trained before the checkpoint we resumed from
             n_items = sum(targets[i] for per_rank in micro_batches for part in per_rank for i in part)
-            step_loss = 0.0
-            for per_rank in micro_batches:
-                batch = collate.pad([train_set[i] for i in per_rank[rank]])
-                batch = {k: v.to(engine.device) for k, v in batch.items()}
-                # Sum of token losses / tokens in the whole step, times the factors DeepSpeed
-                # divides by (accumulation steps, data-parallel ranks): an exact global mean.
-                loss = batch_loss(engine, batch, cfg, num_items_in_batch=n_items) * (world * gas)
-                engine.backward(loss)
-                engine.step()
-                step_loss += float(loss.detach()) / (world * gas)
-            total = torch.tensor([step_loss], device=engine.device)
-            torch.distributed.all_reduce(total)
+            window.append(train_step(engine, train_set, collate, micro_batches, n_items, cfg, rank, world))
             step += 1
-            window.append(float(total))
             lr = scheduler.get_last_lr()[0]
             bar.update(1)
             bar.set_postfix(loss=f"{window[-1]:.4f}", lr=f"{lr:.2e}")
@@ -235,14 +287,12 @@ def main(argv=None):
                     writer.add_scalar("eval/loss", dev_loss, step)
                 bar.write(f"step {step}: dev loss {dev_loss:.4f}")
             if step % cfg.save_steps == 0 or step == total_steps:
-                save_checkpoint(engine, cfg, step, log_history, rank)
-                if rank == 0:
-                    export_adapter(engine.module, tokenizer, cfg)
+                save_checkpoint(engine, tokenizer, cfg, step, log_history, rank)
             if step >= total_steps:
                 break
     bar.close()
     if rank == 0:
-        out = Path(cfg.save_dir) / ADAPTER_DIR
+        out = export_adapter(engine.module, tokenizer, cfg)
         write_json(out / "log_history.json", log_history)
         plot_loss_curve(log_history, out / "loss_curve.png")
         writer.close()

@@ -18,8 +18,9 @@ import torch
 from config_utils import ConfigError, parse_config, run_cli
 from train_core import (
     ADAPTER_DIR, TRAIN_DEFAULTS, batch_loss, build_datasets, build_model, export_adapter, latest_trainer_checkpoint,
-    load_datasets_checked, plot_loss_curve, prepare_save_dir, report_engine, resolve_resume, start_run,
-    training_dtype, write_json,
+    load_datasets_checked, load_training_tokenizer, plot_loss_curve, prepare_save_dir, report_engine,
+    resolve_resume, save_dir_lock, start_run, training_dtype, validate_train_config, verify_deepspeed_checkpoint,
+    write_json,
 )
 
 DEFAULTS = {
@@ -96,23 +97,36 @@ def training_arguments(cfg):
     )
 
 
+def check_deepspeed_json(cfg):
+    if not Path(cfg.deepspeed_json_path).is_file():
+        raise ConfigError(f"config key 'deepspeed_json_path': {cfg.deepspeed_json_path} does not exist")
+    stage = json.loads(Path(cfg.deepspeed_json_path).read_text(encoding="utf-8")).get(
+        "zero_optimization", {}).get("stage", 0)
+    if stage == 3:
+        raise ConfigError(f"{cfg.deepspeed_json_path}: ZeRO stage 3 partitions the weights the adapter "
+                          f"export reads; use stage 0, 1 or 2 (LoRA's optimizer state is small)")
+
+
 def main(argv=None):
     cfg = parse_config(DEFAULTS, argv)
+    validate_train_config(cfg)
+    if use_deepspeed(cfg):
+        check_deepspeed_json(cfg)
     train_records, dev_records = load_datasets_checked(cfg)  # fail fast, before the model loads
+    with save_dir_lock(cfg.save_dir):
+        return train(cfg, train_records, dev_records)
+
+
+def train(cfg, train_records, dev_records):
     prepare_save_dir(cfg)
     resume_from = resolve_resume(cfg, latest_trainer_checkpoint)
     args = training_arguments(cfg)
-    if args.deepspeed:
-        if not Path(cfg.deepspeed_json_path).is_file():
-            raise ConfigError(f"config key 'deepspeed_json_path': {cfg.deepspeed_json_path} does not exist")
-        stage = json.loads(Path(cfg.deepspeed_json_path).read_text(encoding="utf-8")).get(
-            "zero_optimization", {}).get("stage", 0)
-        if stage == 3:
-            raise ConfigError(f"{cfg.deepspeed_json_path}: ZeRO stage 3 partitions the weights the adapter "
-                              f"export reads; use stage 0, 1 or 2 (LoRA's optimizer state is small)")
-
-    model, tokenizer = build_model(cfg)
+    if resume_from and args.deepspeed:
+        verify_deepspeed_checkpoint(resume_from)  # the Trainer lets DeepSpeed unpickle it
+    tokenizer = load_training_tokenizer(cfg)
+    # Tokenised and checked before the weights load: a max_seq_length nothing fits fails in seconds.
     train_set, dev_set, collate = build_datasets(cfg, tokenizer, train_records, dev_records)
+    model, tokenizer = build_model(cfg, tokenizer)
     if args.process_index == 0:
         start_run(cfg, model, tokenizer, train_set, dev_set, collate)
 

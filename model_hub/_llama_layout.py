@@ -201,16 +201,30 @@ def save_shard(tensors, path):
 def load_torch_file(path, what="checkpoint"):
     """A torch.save file, memory-mapped when possible: its tensors are read from disk only
     when touched, so several shards may be open while little of them is in memory."""
+    with open(path, "rb") as f:
+        zip_format = f.read(2) == b"PK"  # torch >= 1.6 files are zip archives
     try:
-        return torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
-    except RuntimeError as e:
-        if "mmap" not in str(e) and "zip" not in str(e):
-            raise ModelHubError(f"cannot read {what} {path}: {str(e).splitlines()[0]}") from None
-    except Exception as e:  # pickle/EOF errors from damaged or foreign files
-        raise ModelHubError(f"cannot read {what} {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
-    # Pre-1.6 torch.save format: not mappable, so it is read whole.
-    print(f"note: {path} is in the legacy torch format and is loaded into memory whole", file=sys.stderr)
-    return torch.load(str(path), map_location="cpu", weights_only=True)
+        if zip_format:
+            return torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
+        # Pre-1.6 torch.save format: not mappable, so it is read whole.
+        print(f"note: {path} is in the legacy torch format and is loaded into memory whole", file=sys.stderr)
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # damaged, cut or foreign files
+        if zip_format and not _zip_index_present(path):
+            reason = "the file is cut short (a zip archive without its index); download or copy it again"
+        else:
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        raise ModelHubError(f"cannot read {what} {path}: {reason}") from None
+
+
+def _zip_index_present(path):
+    import zipfile
+
+    try:
+        zipfile.ZipFile(path).close()
+        return True
+    except zipfile.BadZipFile:
+        return False
 
 
 def dtype_name(dtype):

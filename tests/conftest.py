@@ -6,6 +6,7 @@ model_hub/ or checkpoint/ folders.
 import importlib.util
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -36,6 +37,14 @@ def load_script(name):
 
 def as_argv(options):
     return [f"--{k}={v}" for k, v in options.items()]
+
+
+def free_port():
+    """A TCP port free right now, for a launcher's --master_port: two test runs on one machine
+    must not both take DeepSpeed's default 29500."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run_cmd(args, timeout=900, check=True, env_extra=None, **kwargs):

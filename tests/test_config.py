@@ -123,8 +123,9 @@ def test_dict_from_a_literal():
 
 
 @pytest.mark.parametrize("text,expected", [
-    ("5", 5), ("2.5", 2.5), ("model_hub/tiny-llama", "model_hub/tiny-llama"), ("[1, 2]", [1, 2]),
-    ("True", True), ("None", None),
+    # None-default keys are paths (or "path or True"): a folder named 2024 stays the text 2024.
+    ("5", "5"), ("2.5", "2.5"), ("2024", "2024"), ("model_hub/tiny-llama", "model_hub/tiny-llama"),
+    ("[1, 2]", [1, 2]), ("True", True), ("None", None),
 ])
 def test_none_default_accepts_anything(text, expected):
     value = parse([f"--model_dir={text}"]).model_dir

@@ -98,7 +98,7 @@ def test_predict_non_utf8_input_is_one_line(adapter, tmp_path):
     bad.write_bytes("北京".encode("gbk") + b"\n")
     proc = run_cmd([PYTHON, "predict.py", f"--lora_model={adapter}", f"--input_file={bad}"], check=False)
     lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: {bad}: not UTF-8")
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: {bad}:1: not UTF-8")  # path:line, as every input error
 
 
 def test_inference_prompt_is_the_training_prompt(loaded, mixed_records, monkeypatch):

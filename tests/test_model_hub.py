@@ -386,6 +386,17 @@ def test_convert_missing_shard(small_meta, capsys):
     assert_one_line_error(capsys, e, "consolidated.01.pth")
 
 
+@pytest.mark.parametrize("keep", [0.5, 0.98])
+def test_convert_truncated_shard_is_one_line(small_meta, capsys, keep):
+    path = small_meta / "13B" / "consolidated.01.pth"
+    data = path.read_bytes()
+    path.write_bytes(data[:int(len(data) * keep)])  # an interrupted download
+    with pytest.raises(SystemExit) as e:
+        run_convert(small_meta)
+    # One line: no "legacy torch format" note (a zip file cut short is not an old format).
+    assert_one_line_error(capsys, e, "consolidated.01.pth", "cut short")
+
+
 def test_convert_shards_that_do_not_fit(small_meta, capsys):
     path = small_meta / "13B" / "consolidated.01.pth"
     shard = torch.load(path, weights_only=True)

@@ -307,7 +307,8 @@ def test_output_is_deterministic(tmp_path):
     a, _ = run(tmp_path, f"--train_file={corpus}", root_name="a")
     b, _ = run(tmp_path, f"--train_file={corpus}", root_name="b")
     files_a, files_b = snapshot(a), snapshot(b)
-    assert set(files_a) == {f"{k}/{s}.txt" for k in ("ori_data", "instruct_data") for s in ("train", "dev")}
+    assert set(files_a) == {f"{k}/{s}.txt" for k in ("ori_data", "instruct_data") for s in ("train", "dev")} | {
+        "instruct_data/data_info.json"}
     assert files_a == files_b
     dev = read_jsonl(a / "ori_data" / "dev.txt")
     assert len(dev) == 4  # a tenth of 40

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import MEMORISE, PYTHON, ROOT, as_argv, load_script, run_cmd, score_adapter
+from conftest import MEMORISE, PYTHON, ROOT, as_argv, free_port, load_script, run_cmd, score_adapter
 from dataset import load_data
 
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
@@ -89,7 +89,7 @@ SHORT = {"lora_dropout": 0.0, "learning_rate": 5e-3, "max_steps": 6, "log_steps"
 @pytest.mark.parametrize("script", ["train_trainer.py", "train_deepspeed.py"])
 def test_two_processes_match_one_process(tmp_path, tiny_model, train16, script):
     common = {**SHORT, "model_dir": tiny_model, "train_path": train16, "dev_path": train16}
-    two = run_cmd([DEEPSPEED, "--num_gpus", "2", script,
+    two = run_cmd([DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), script,
                    *as_argv({**common, "train_batch_size": 2, "save_dir": tmp_path / "two"})])
     run_cmd([PYTHON, script, *as_argv({**common, "train_batch_size": 4, "save_dir": tmp_path / "one"})])
     # The command line is what the engine trains with (read back from the engine itself).
@@ -123,18 +123,24 @@ def _kill_after(cmd, marker, timeout=600):
     assert marker.exists(), proc.stderr.read()[-3000:]
 
 
-@pytest.mark.parametrize("script,ckpt", [
-    ("train_trainer.py", "checkpoint-4/trainer_state.json"),
-    ("train_deepspeed.py", "checkpoints/global_step4/rng_state_0.pt"),
+@pytest.mark.parametrize("script,ckpt,marker", [
+    ("train_trainer.py", "checkpoint-4", "trainer_state.json"),
+    # The step's adapter export is the last thing a DeepSpeed checkpoint writes.
+    ("train_deepspeed.py", "checkpoints/global_step4", "adapter_model/train_args.json"),
 ])
-def test_resume_after_kill_matches_uninterrupted_run(tmp_path, tiny_model, train16, script, ckpt):
+def test_resume_after_kill_matches_uninterrupted_run(tmp_path, tiny_model, train16, script, ckpt, marker):
     common = {**RESUME, "model_dir": tiny_model, "train_path": train16, "dev_path": train16}
     run_cmd([PYTHON, script, *as_argv({**common, "save_dir": tmp_path / "once"})])
     killed = tmp_path / "killed"
-    _kill_after([PYTHON, script, *as_argv({**common, "save_dir": killed})], killed / ckpt)
-    resume_from = killed / Path(ckpt).parent
+    _kill_after([PYTHON, script, *as_argv({**common, "save_dir": killed})], killed / ckpt / marker)
+    # Only a finished run has <save_dir>/adapter_model/: test.py cannot take a step-4 adapter for the result.
+    assert not (killed / "adapter_model").exists()
+    leftover = killed / ".adapter_model-x1y2"  # what a kill during an export leaves behind
+    leftover.mkdir()
+    resume_from = killed / ckpt
     start = adapter_tensors(resume_from) if script == "train_trainer.py" else None
     run_cmd([PYTHON, script, *as_argv({**common, "save_dir": killed, "resume": resume_from})])
+    assert not leftover.exists()
     once, resumed = adapter_tensors(tmp_path / "once" / "adapter_model"), adapter_tensors(killed / "adapter_model")
     assert max_diff(once, resumed) < 1e-6
     if start is not None:  # the checkpoint really was mid-run: training moved the weights on
