@@ -13,7 +13,7 @@ TORCH_INDEX ?=
 DEMO_DIR ?= checkpoint/msra/demo
 PYTEST_ARGS ?=
 
-.PHONY: test demo venv bench clean-demo
+.PHONY: test demo venv browser bench clean-demo
 
 venv: $(STAMP)
 
@@ -23,7 +23,14 @@ $(STAMP): requirements.txt
 	$(PY) -m pip install -q -r requirements.txt
 	touch $(STAMP)
 
-test: venv
+# The report.html test drives a real headless browser: Debian's chromium, installed like any dependency.
+browser:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO="sudo -n"; fi; \
+	  $$SUDO apt-get -o DPkg::Lock::Timeout=600 update -q && $$SUDO apt-get -o DPkg::Lock::Timeout=600 install -y -q chromium; } || { \
+	  echo "make test needs Debian's chromium package for the report test: apt-get install chromium"; exit 1; }
+
+test: venv browser
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
 
 # The README's first command: data, tiny model, LoRA training until it memorises 16

@@ -5,16 +5,28 @@
     python test.py --no_adapter=True --model_dir=model_hub/chinese-alpaca-7b
 
 The base model, columns, label set and max length come from the adapter's train_args.json.
-Writes predictions.jsonl (text, answer, output, entities) and metrics.json to output_dir.
+Writes predictions.jsonl (text, answer, output, entities), metrics.json and report.html to
+output_dir. Scores are reported at two levels: set level (the distinct (entity, type) pairs
+of each sentence, as LLM information-extraction papers count) and mention level (every
+annotated character span, as the BERT-CRF literature counts MSRA; gold spans come from the
+ori_data file process.py wrote beside the instruct data).
 """
 import json
 import time
 from pathlib import Path
 
 from config_utils import ConfigError, parse_config, run_cli
-from dataset import QUERY_PREFIX, DataError, atomic_write_text, load_data
-from metrics import format_table, parse_answer, score
-from model_utils import INFER_DEFAULTS, check_infer_config, label_names_for, load_from_config, ner_generate, recorded_args
+from dataset import QUERY_PREFIX, DataError, atomic_write_text, load_data, read_text
+from metrics import format_table, mention_spans, parse_answer, score, score_mentions
+from model_utils import (
+    INFER_DEFAULTS,
+    check_infer_config,
+    label_names_for,
+    load_from_config,
+    ner_generate,
+    recorded_args,
+)
+from report import write_report
 
 DEFAULTS = {
     **INFER_DEFAULTS,
@@ -38,6 +50,26 @@ def gold_answers(records, linenos, answer_col, label_names, test_path):
             )
         golds.append(gold)
     return golds
+
+
+def gold_spans(test_path, linenos, texts):
+    """Each test sentence's annotated (begin, end, type) spans, from the ori_data file that
+    process.py wrote beside the instruct file (same line order, same text), or None."""
+    ori = Path(test_path).parent.parent / "ori_data" / Path(test_path).name
+    if not ori.is_file():
+        return None
+    lines = read_text(ori).split("\n")
+    spans = []
+    for lineno, text in zip(linenos, texts):
+        try:
+            rec = json.loads(lines[lineno - 1])
+            if rec["text"] != text:
+                return None
+            spans.append([(e["entity_index"]["begin"], e["entity_index"]["end"], e["entity_type"])
+                          for e in rec["entity_list"]])
+        except (IndexError, json.JSONDecodeError, KeyError, TypeError):
+            return None
+    return spans
 
 
 def prepare_output_dir(cfg):
@@ -67,6 +99,8 @@ def main(argv=None):
         records, linenos = records[:cfg.limit], linenos[:cfg.limit]
     label_names = label_names_for(recorded, cfg.test_path)
     golds = gold_answers(records, linenos, answer_col, label_names, cfg.test_path)
+    texts = [rec[query_col].removeprefix(QUERY_PREFIX) for rec in records]
+    spans = gold_spans(cfg.test_path, linenos, texts)
     out_dir = prepare_output_dir(cfg)
     model, tokenizer, train_args = load_from_config(cfg)
 
@@ -77,8 +111,7 @@ def main(argv=None):
     elapsed = time.perf_counter() - start
 
     examples, rows = [], []
-    for rec, gold, output in zip(records, golds, outputs):
-        text = rec[query_col].removeprefix(QUERY_PREFIX)
+    for text, rec, gold, output in zip(texts, records, golds, outputs):
         pred = parse_answer(output, label_names)
         examples.append({"text": text, "gold": gold.entities, "pred": pred.entities,
                          "bad_lines": len(pred.bad_lines)})
@@ -86,13 +119,22 @@ def main(argv=None):
                      "entities": [list(e) for e in pred.entities], "bad_lines": pred.bad_lines})
     atomic_write_text(out_dir / "predictions.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     metrics = score(examples, label_names)
-    metrics.update(examples_per_second=len(records) / elapsed, queries_shortened=shortened,
+    for ex, gold, sentence_spans in zip(examples, golds, spans or [None] * len(examples)):
+        # Without ori_data, every occurrence of each gold string stands in for its spans.
+        ex["gold_spans"] = sentence_spans if spans else mention_spans(ex["text"], gold.entities)
+    metrics.update(level="set", examples_per_second=len(records) / elapsed, queries_shortened=shortened,
                    test_path=str(cfg.test_path), lora_model=None if cfg.no_adapter else str(cfg.lora_model),
                    label_names=label_names)
+    metrics["mention"] = score_mentions(examples, label_names)
+    metrics["mention"]["gold_spans"] = "annotated spans (ori_data)" if spans else "every occurrence of each gold string"
     atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, ensure_ascii=False, indent=2) + "\n")
+    write_report(out_dir / "report.html", metrics, examples)
     print(format_table(metrics))
     print(f"{len(records)} examples in {elapsed:.1f}s ({len(records) / elapsed:.1f} examples/s)")
-    print(f"wrote {out_dir / 'predictions.jsonl'} and {out_dir / 'metrics.json'}")
+    if not spans:
+        print("note: no ori_data beside the test file: mention-level gold spans are every occurrence of each "
+              "gold string")
+    print(f"wrote {out_dir / 'predictions.jsonl'}, {out_dir / 'metrics.json'} and {out_dir / 'report.html'}")
     return metrics
 
 

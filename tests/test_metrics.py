@@ -265,3 +265,65 @@ def test_format_table_mentions_every_row():
     assert "0.6000" in out      # micro F1 = 3/5
     assert "0.4333" in out      # macro F1 = 13/30
     assert "unparseable" in out and "not in text" in out and "exact match" in out
+
+
+# --------------------------------------------------------------------------- mention level
+
+from metrics import classify_mentions, mention_spans, score_mentions  # noqa: E402
+
+# 张三在北京开会，北京很冷，李四也在。
+# 0 1 2 3 4 5 6 7 8 9 ...: 张0 三1 在2 北3 京4 开5 会6 ，7 北8 京9 很10 冷11 ，12 李13 四14 也15 在16 。17
+TWICE = "张三在北京开会，北京很冷，李四也在。"
+# Gold: 张三 PER (0,2), the first 北京 LOC (3,5) only (the second is not annotated), 李四 PER (13,15).
+TWICE_GOLD = [(0, 2, "PER"), (3, 5, "LOC"), (13, 15, "PER")]
+
+
+def test_mention_spans_are_every_occurrence():
+    assert mention_spans(TWICE, [("北京", "LOC"), ("上海", "LOC")]) == [(3, 5, "LOC"), (8, 10, "LOC")]
+
+
+def test_string_twice_annotated_once_counts_once_right_once_wrong():
+    # Predicted 北京 LOC and 张三 PER: spans (3,5) LOC correct, (8,10) LOC spurious, (0,2) PER correct;
+    # 李四 missed. TP 2, FP 1, FN 1: P = 2/3, R = 2/3.
+    m = score_mentions([{"text": TWICE, "gold_spans": TWICE_GOLD, "pred": [("北京", "LOC"), ("张三", "PER")]}])
+    assert (m["tp"], m["fp"], m["fn"]) == (2, 1, 1)
+    assert m["precision"] == approx(2 / 3) and m["recall"] == approx(2 / 3) and m["f1"] == approx(2 / 3)
+    assert m["per_type"]["LOC"]["support"] == 1 and m["per_type"]["PER"]["support"] == 2
+    assert m["errors"] == {"correct": 2, "wrong_type": 0, "wrong_boundary": 0, "wrong_type_boundary": 0,
+                           "spurious": 1, "hallucinated": 0, "missed": 1}
+    # At set level the same answer is perfect on 北京 (one distinct pair): the levels differ.
+    s = score([{"text": TWICE, "gold": [("张三", "PER"), ("北京", "LOC"), ("李四", "PER")],
+                "pred": [("北京", "LOC"), ("张三", "PER")]}])
+    assert (s["tp"], s["fp"], s["fn"]) == (2, 0, 1)
+
+
+def test_every_error_class_by_hand():
+    # 北京 ORG: same span as gold LOC -> wrong_type. 张 PER: inside gold 张三 PER -> wrong_boundary.
+    # 李四也 LOC: overlaps only gold 李四 PER -> wrong_type_boundary. 冷 LOC: overlaps nothing -> spurious.
+    # 上海 LOC: not in the text -> hallucinated. No gold span is left untouched: missed 0.
+    pred = [("北京", "ORG"), ("张", "PER"), ("李四也", "LOC"), ("冷", "LOC"), ("上海", "LOC")]
+    p, g, h = classify_mentions(TWICE, TWICE_GOLD, pred)
+    assert sorted(p) == [(0, 1, "PER", "wrong_boundary"), (3, 5, "ORG", "wrong_type"), (8, 10, "ORG", "spurious"),
+                         (11, 12, "LOC", "spurious"), (13, 16, "LOC", "wrong_type_boundary")]
+    assert h == [("上海", "LOC")]
+    assert [c for *_, c in g] == ["overlapped", "overlapped", "overlapped"]
+    m = score_mentions([{"text": TWICE, "gold_spans": TWICE_GOLD, "pred": pred}])
+    assert m["errors"] == {"correct": 0, "wrong_type": 1, "wrong_boundary": 1, "wrong_type_boundary": 1,
+                           "spurious": 2, "hallucinated": 1, "missed": 0}
+    assert m["errors_per_type"]["ORG"]["wrong_type"] == 1 and m["errors_per_type"]["LOC"]["spurious"] == 1
+    # 5 spans + 1 hallucinated string predicted, none right; 3 gold spans, none found exactly.
+    assert (m["tp"], m["fp"], m["fn"]) == (0, 6, 3)
+    # Same-span confusion: gold LOC at (3,5) predicted ORG; gold PER (0,2) and (13,15) have no
+    # prediction on their exact span; (0,1), (8,10), (11,12), (13,16) have no gold span.
+    c = m["confusion"]
+    assert c["LOC"]["ORG"] == 1 and c["PER"]["(none)"] == 2 and c["LOC"]["(none)"] == 0
+    assert c["(none)"] == {"PER": 1, "LOC": 2, "ORG": 1, "(none)": 0}
+
+
+def test_format_table_prints_both_levels():
+    ex = [{"text": TWICE, "gold": [("张三", "PER")], "pred": [("张三", "PER")], "gold_spans": [(0, 2, "PER")]}]
+    metrics = score(ex)
+    metrics["mention"] = score_mentions(ex)
+    out = format_table(metrics)
+    assert out.splitlines()[0].startswith("set") and any(line.startswith("mention") for line in out.splitlines())
+    assert "mention errors: correct 1," in out
