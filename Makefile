@@ -13,7 +13,7 @@ TORCH_INDEX ?=
 DEMO_DIR ?= checkpoint/msra/demo
 PYTEST_ARGS ?=
 
-.PHONY: test demo venv browser bench clean-demo
+.PHONY: test test-fast demo venv browser bench clean-demo
 
 venv: $(STAMP)
 
@@ -32,6 +32,11 @@ browser:
 
 test: venv browser
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+# About a minute: everything but the tests marked slow (training, the trained adapter) or
+# distributed (several processes). CI and `make test` run everything.
+test-fast: venv browser
+	$(PY) -m pytest -q tests -m "not slow and not distributed" $(PYTEST_ARGS)
 
 # The README's first command: data, tiny model, LoRA training until it memorises 16
 # examples, evaluation on those and on 200 held-out sentences, three predictions.

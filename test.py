@@ -30,7 +30,7 @@ from report import write_report
 
 DEFAULTS = {
     **INFER_DEFAULTS,
-    "test_path": "data/msra/instruct_data/test.txt",
+    "test_path": "data/msra/instruct_data/test.txt",  # instruct JSONL with gold answers
     "limit": 0,  # evaluate the first N examples only (0 = all)
     "output_dir": None,  # None: the adapter folder (or ./outputs/base_model with no_adapter)
 }

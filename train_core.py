@@ -35,37 +35,37 @@ TRAIN_DEFAULTS = {
     "lora": {
         "r": 8,  # rank; 8 is the common choice for 7B task tuning
         "alpha": 16,  # scale alpha/r = 2, as in alpaca-lora and most LoRA recipes
-        "dropout": 0.05,
-        "target_modules": LLAMA_PROJECTIONS,  # all seven projections, as the seed
+        "dropout": 0.05,  # dropout on the LoRA input; 0 makes runs exactly repeatable step by step
+        "target_modules": LLAMA_PROJECTIONS,  # all seven projections, as taishan1994/Chinese-LLaMA-Alpaca-LoRA-Tuning
         "modules_to_save": [],  # e.g. embed_tokens,lm_head to train them fully (the tiny model needs it)
     },
     "max_seq_length": 256,  # tokens; MSRA examples average ~127 with Chinese-LLaMA, 1.5% exceed 192
-    "instruct_column": "instruct",
-    "query_column": "query",
-    "response_column": "answer",
-    "train_path": "data/msra/instruct_data/train.txt",
-    "dev_path": "data/msra/instruct_data/dev.txt",
+    "instruct_column": "instruct",  # JSONL key of the instruction
+    "query_column": "query",  # JSONL key of the text (文本：...)
+    "response_column": "answer",  # JSONL key of the answer the model learns
+    "train_path": "data/msra/instruct_data/train.txt",  # instruct JSONL (process.py writes it)
+    "dev_path": "data/msra/instruct_data/dev.txt",  # dev JSONL for the eval loss; "" = none
     "train_limit": 0,  # use only the first N training examples (0 = all)
     "dev_limit": 200,  # dev examples for the periodic eval loss (0 = all); 200 keeps eval cheap
-    "train_batch_size": 12,  # per process, as the seed
-    "eval_batch_size": 16,
-    "gradient_accumulation_steps": 1,
-    "learning_rate": 2e-4,  # LoRA needs ~1e-4..3e-4 (alpaca-lora 3e-4, QLoRA 2e-4); the seed's 1e-5 barely moves it
+    "train_batch_size": 12,  # per process, as the original repository (taishan1994/Chinese-LLaMA-Alpaca-LoRA-Tuning)
+    "eval_batch_size": 16,  # per process, for the dev loss
+    "gradient_accumulation_steps": 1,  # micro-batches per optimizer step
+    "learning_rate": 2e-4,  # LoRA needs ~1e-4..3e-4 (alpaca-lora 3e-4, QLoRA 2e-4); the original repository's 1e-5 barely moves it
     "weight_decay": 0.0,  # LoRA updates are low-rank already; decay mostly slows them
-    "adam_beta1": 0.9,
-    "adam_beta2": 0.999,
-    "adam_epsilon": 1e-8,
-    "max_grad_norm": 1.0,
+    "adam_beta1": 0.9,  # AdamW first-moment decay
+    "adam_beta2": 0.999,  # AdamW second-moment decay
+    "adam_epsilon": 1e-8,  # AdamW denominator guard
+    "max_grad_norm": 1.0,  # gradient clipping (global L2 norm)
     "warmup_ratio": 0.03,  # fraction of optimizer steps with linear warmup
-    "lr_scheduler_type": "cosine",
+    "lr_scheduler_type": "cosine",  # transformers scheduler name: linear, cosine, constant, ...
     "num_train_epochs": 1,  # one pass over 49,658 MSRA sentences is ~4,100 steps at batch 12
     "max_steps": -1,  # > 0 overrides num_train_epochs
     "group_by_length": True,  # length-grouped batches: <1% padding instead of ~25% for random batches
     "gradient_checkpointing": False,  # trade ~30% speed for activation memory on long batches
     "share_prefix": True,  # run the prompt prefix all rows share once per batch (exact; off under checkpointing)
     "dtype": "auto",  # auto: bf16 on GPUs that have it, fp16 (with loss scaling) on older GPUs, fp32 on CPU
-    "save_dir": "./checkpoint/msra/train_trainer/",
-    "log_steps": 10,
+    "save_dir": "./checkpoint/msra/train_trainer/",  # checkpoints, train_args.json and the final adapter_model/
+    "log_steps": 10,  # optimizer steps between loss log lines
     "eval_steps": 200,  # optimizer steps between dev-loss evaluations (0 = never)
     "save_steps": 200,  # optimizer steps between checkpoints
     "save_total_limit": 2,  # checkpoints kept (the latest ones)
@@ -73,7 +73,7 @@ TRAIN_DEFAULTS = {
     "resume": None,  # True: continue from the latest checkpoint in save_dir; or a checkpoint path
     "overwrite": False,  # replace a finished adapter already in save_dir
     "local_rank": -1,  # set by the DeepSpeed launcher
-    "deepspeed_json_path": "deepspeed.json",
+    "deepspeed_json_path": "deepspeed.json",  # DeepSpeed config for train_trainer.py under the deepspeed launcher
 }
 
 

@@ -30,9 +30,9 @@ CHECKPOINTS = "checkpoints"  # engine checkpoints live in <save_dir>/checkpoints
 
 DEFAULTS = {
     **TRAIN_DEFAULTS,
-    "save_dir": "./checkpoint/msra/train_deepspeed/",
+    "save_dir": "./checkpoint/msra/train_deepspeed/",  # engine checkpoints, train_args.json and the final adapter_model/
     "zero_stage": 1,  # 0, 1 or 2: LoRA's optimizer state is small, 1 is enough for 7B
-    "offload_optimizer": False,  # keep Adam state in CPU memory (the seed's setting); slower
+    "offload_optimizer": False,  # keep Adam state in CPU memory (the original repository's setting); slower
 }
 
 

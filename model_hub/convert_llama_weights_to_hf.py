@@ -19,7 +19,6 @@ largest single tensor (the concatenated pieces and their permuted copy; for 7B i
 memory-mapped, not loaded: their pages are read when a tensor is assembled and the OS may drop
 them again (a pre-2020 legacy-format shard cannot be mapped and is read whole instead).
 """
-import argparse
 import re
 import sys
 from pathlib import Path
@@ -28,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from config_utils import run_cli  # noqa: E402
+from config_utils import parse_config, require_keys, run_cli  # noqa: E402
 from model_hub._llama_layout import (  # noqa: E402
     IGNORED_TENSORS, ModelHubError, check_output_dir, dtype_name, has_tokenizer,
     load_torch_file, meta_to_hf_permute, parse_dtype, parse_size, plan_shards, prepare_output_dir,
@@ -41,23 +40,22 @@ KNOWN_SHARD_COUNTS = {"7B": 1, "13B": 2, "30B": 4, "33B": 4, "65B": 8, "70B": 8}
 SHARD_NAME = re.compile(r"^consolidated\.(\d+)\.pth$")
 
 
+DEFAULTS = {
+    "input_dir": "",  # folder with tokenizer.model and a <model_size>/ folder of Meta weights (required)
+    "model_size": "7B",  # sub-folder of input_dir (7B, 13B, 30B, 65B, 70B), or tokenizer_only
+    "output_dir": "",  # folder for the HF model, created (required)
+    "dtype": "auto",  # auto (keep the checkpoint's), float16, bfloat16 or float32
+    "intermediate_size": 0,  # feed-forward width to expect; 0 = read it from the feed_forward.w1 weights
+    "max_position_embeddings": 2048,  # context length in tokens for config.json (LLaMA 2048, Llama 2 4096)
+    "max_shard_size": "2GB",  # largest safetensors shard written (e.g. 2GB, 500MB)
+    "overwrite": False,  # write into a non-empty output_dir
+}
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Convert Meta LLaMA weights (params.json, consolidated.*.pth, "
-                                            "tokenizer.model) to a Hugging Face LLaMA folder.")
-    p.add_argument("--input_dir", required=True,
-                   help="folder with tokenizer.model and a <model_size>/ folder of Meta weights")
-    p.add_argument("--model_size", default="7B",
-                   help="sub-folder of input_dir holding params.json and the shards (7B, 13B, 30B, 65B, 70B), "
-                        "or tokenizer_only to convert just the tokenizer")
-    p.add_argument("--output_dir", required=True, help="folder for the HF model (created)")
-    p.add_argument("--dtype", default="auto", help="auto (keep the checkpoint's), float16, bfloat16 or float32")
-    p.add_argument("--intermediate_size", type=int, default=None,
-                   help="feed-forward width to expect; default: read from the feed_forward.w1 weights")
-    p.add_argument("--max_position_embeddings", type=int, default=2048,
-                   help="context length in tokens written to config.json (LLaMA 2048, Llama 2 4096)")
-    p.add_argument("--max_shard_size", default="2GB", help="largest safetensors shard written (e.g. 2GB, 500MB)")
-    p.add_argument("--overwrite", action="store_true", help="write into a non-empty output_dir")
-    return p.parse_args(argv)
+    """The original conversion script's flags (`--input_dir ./ --model_size 7B --output_dir ./7B-hf`),
+    parsed strictly by config_utils like every script of the project."""
+    return require_keys(parse_config(DEFAULTS, argv), "input_dir", "output_dir")
 
 
 def find_checkpoint(input_dir, model_size):
@@ -271,7 +269,7 @@ def convert(args):
     max_shard_bytes = parse_size(args.max_shard_size)
     model_dir, shard_paths = find_checkpoint(input_dir, args.model_size)
     tokenizer_dir = find_tokenizer_dir(input_dir, model_dir)
-    ckpt = MetaCheckpoint(model_dir, shard_paths, args.intermediate_size)
+    ckpt = MetaCheckpoint(model_dir, shard_paths, args.intermediate_size or None)
     tokenizer = load_tokenizer(tokenizer_dir)
     if len(tokenizer) != ckpt.vocab_size:
         print(f"note: the tokenizer has {len(tokenizer)} tokens, the weights {ckpt.vocab_size} rows; "
@@ -289,8 +287,7 @@ def convert(args):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    return run_cli(lambda: convert(args))
+    return run_cli(lambda: convert(parse_args(argv)))
 
 
 if __name__ == "__main__":

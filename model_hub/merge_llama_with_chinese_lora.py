@@ -23,7 +23,6 @@ lm_head) plus one base shard and its merged copy (the base's shard size, 2 GB fr
 converter) plus one fp32 weight while it is merged. pth output holds the whole merged model
 until consolidated.00.pth is written: about the model's size (7B in fp16: 13.5 GB) more.
 """
-import argparse
 import math
 import re
 import sys
@@ -35,7 +34,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from config_utils import run_cli  # noqa: E402
+from config_utils import ConfigError, parse_config, require_keys, run_cli  # noqa: E402
 from model_hub._llama_layout import (  # noqa: E402
     IGNORED_TENSORS, ModelHubError, check_output_dir, copy_tokenizer_files, has_tokenizer,
     hf_to_meta_permute, load_torch_file, meta_ffn_params, prepare_output_dir, read_json,
@@ -54,18 +53,22 @@ FULL_KEY = re.compile(r"^(?P<module>.+?)(?P<wrap>\.modules_to_save(?:\.[^.]+)?|\
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 
 
+DEFAULTS = {
+    "base_model": "",  # HF LLaMA folder (e.g. ./7B-hf); "" = model_dir in the first adapter's train_args.json
+    "lora_model": "",  # LoRA folder(s), comma-separated, merged in this order; the last one's tokenizer is used (required)
+    "output_type": "huggingface",  # huggingface: HF folder (safetensors); pth: Meta's consolidated.00.pth + params.json
+    "output_dir": "",  # folder for the merged model, created (required)
+    "overwrite": False,  # write into a non-empty output_dir
+}
+OUTPUT_TYPES = ("huggingface", "pth")
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Merge LoRA adapters (Chinese-LLaMA/Alpaca, or a trained NER "
-                                            "adapter) into a LLaMA base model.")
-    p.add_argument("--base_model", default=None,
-                   help="HF LLaMA folder (e.g. ./7B-hf); default: model_dir from the first adapter's train_args.json")
-    p.add_argument("--lora_model", required=True,
-                   help="LoRA folder(s), comma-separated, merged in this order; the last one's tokenizer is used")
-    p.add_argument("--output_type", default="huggingface", choices=["huggingface", "pth"],
-                   help="huggingface: HF folder (safetensors); pth: Meta's consolidated.00.pth + params.json")
-    p.add_argument("--output_dir", required=True, help="folder for the merged model (created)")
-    p.add_argument("--overwrite", action="store_true", help="write into a non-empty output_dir")
-    return p.parse_args(argv)
+    """The original merge script's flags, parsed strictly by config_utils like every script of the project."""
+    args = require_keys(parse_config(DEFAULTS, argv), "lora_model", "output_dir")
+    if args.output_type not in OUTPUT_TYPES:
+        raise ConfigError(f"config key 'output_type': {args.output_type!r} is not one of {', '.join(OUTPUT_TYPES)}")
+    return args
 
 
 class BaseWeights:
@@ -338,7 +341,7 @@ def merge(args):
     if not lora_dirs:
         raise ModelHubError("--lora_model names no folder")
     out = Path(args.output_dir)
-    check_output_dir(out, args.overwrite, inputs=[args.base_model, *lora_dirs])
+    check_output_dir(out, args.overwrite, inputs=[args.base_model or None, *lora_dirs])
     loras = [LoraAdapter(d) for d in lora_dirs]
     base_model = resolve_base_model(args.base_model, lora_dirs)
     check_output_dir(out, args.overwrite, inputs=[base_model])
@@ -380,8 +383,7 @@ def merge(args):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    return run_cli(lambda: merge(args))
+    return run_cli(lambda: merge(parse_args(argv)))
 
 
 if __name__ == "__main__":

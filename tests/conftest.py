@@ -1,4 +1,7 @@
-"""Shared fixtures: MSRA processed once, a tiny LLaMA built once, one memorised adapter per trainer.
+"""Shared fixtures: MSRA processed once, a tiny LLaMA built once, one memorised adapter per session.
+
+This file also puts the project root on sys.path (the only place that does) and defines the
+`slow` and `distributed` markers: `make test-fast` runs everything else in about a minute.
 
 Everything is built in pytest's temporary folders, so tests never touch the user's data/,
 model_hub/ or checkpoint/ folders.
@@ -18,6 +21,19 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 PYTHON = sys.executable
+# A test that needs the session's trained adapter waits for a 150-step training: slow.
+SLOW_FIXTURES = {"memorised_trainer"}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: trains a model or needs the trained adapter (make test-fast leaves it out)")
+    config.addinivalue_line("markers", "distributed: starts several training processes (deepspeed, mpirun)")
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 # Settings under which the tiny model memorises 16 examples (LoRA plus trainable embeddings
 # and head, since a random tiny model has no useful ones).
 MEMORISE = {

@@ -221,7 +221,7 @@ def test_chat_interactive_through_a_terminal(adapter, train16):
     os.close(slave)
     try:
         assert "Input:" in _read_until(master, "Input:")
-        # The user types instruction and sentence on one line, as in the seed's README.
+        # The user types instruction and sentence on one line, as in the original repository's README.
         os.write(master, (record["instruct"] + record["query"] + "\n").encode())
         screen = _read_until(master, "Input:")
         response = screen.split("Response:")[1].split("Input:")[0].strip()

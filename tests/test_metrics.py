@@ -4,16 +4,12 @@ Every expected value below is written as the fraction worked out in the comment 
 never computed by calling the code under test.
 """
 import json
-import sys
-from pathlib import Path
 
 import pytest
 from pytest import approx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project root holds the modules
-
-from dataset import format_answer  # noqa: E402
-from metrics import ParsedAnswer, format_table, parse_answer, score  # noqa: E402
+from dataset import format_answer
+from metrics import ParsedAnswer, classify_mentions, format_table, mention_spans, parse_answer, score, score_mentions
 
 
 # --------------------------------------------------------------------------- parse_answer
@@ -268,8 +264,6 @@ def test_format_table_mentions_every_row():
 
 
 # --------------------------------------------------------------------------- mention level
-
-from metrics import classify_mentions, mention_spans, score_mentions  # noqa: E402
 
 # 张三在北京开会，北京很冷，李四也在。
 # 0 1 2 3 4 5 6 7 8 9 ...: 张0 三1 在2 北3 京4 开5 会6 ，7 北8 京9 很10 冷11 ，12 李13 四14 也15 在16 。17

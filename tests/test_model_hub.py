@@ -9,19 +9,16 @@ import math
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # the project root holds the modules
-
-from dataset import DEFAULT_INSTRUCT, PROMPT_ID, PROMPT_TEMPLATE, QUERY_PREFIX, encode_prompt  # noqa: E402
-from model_hub import convert_llama_weights_to_hf as convert  # noqa: E402
-from model_hub import merge_llama_with_chinese_lora as merge  # noqa: E402
-from model_utils import generate, load_model_and_tokenizer  # noqa: E402
+from conftest import ROOT
+from dataset import DEFAULT_INSTRUCT, PROMPT_ID, PROMPT_TEMPLATE, QUERY_PREFIX, encode_prompt
+from model_hub import convert_llama_weights_to_hf as convert
+from model_hub import merge_llama_with_chinese_lora as merge
+from model_utils import generate, load_model_and_tokenizer
 
 CONVERT = ROOT / "model_hub" / "convert_llama_weights_to_hf.py"
 MERGE = ROOT / "model_hub" / "merge_llama_with_chinese_lora.py"
@@ -172,7 +169,7 @@ def test_convert_two_shards_matches_meta_reference(spm_dir, tmp_path, capsys):
     write_meta_checkpoint(tmp_path / "7B", CONVERT_PARAMS, weights, n_shards=2)
     shutil.copy(spm_dir / "tokenizer.model", tmp_path / "tokenizer.model")
 
-    # The seed's command line, from inside model_hub-like folder.
+    # The original repository's command line, from inside model_hub-like folder.
     proc = run_script(CONVERT, ["--input_dir", "./", "--model_size", "7B", "--output_dir", "./7B-hf"], tmp_path)
     assert proc.returncode == 0, proc.stderr
     out = tmp_path / "7B-hf"
@@ -182,7 +179,7 @@ def test_convert_two_shards_matches_meta_reference(spm_dir, tmp_path, capsys):
     config = json.loads((out / "config.json").read_text())
     assert (config["num_key_value_heads"], config["intermediate_size"]) == (2, 224)  # 32*ceil(int(1.3*170)/32)
 
-    # The seed's second step, rewriting the tokenizer of the converted folder.
+    # The original repository's second step, rewriting the tokenizer of the converted folder.
     convert.main(["--input_dir", str(tmp_path), "--model_size", "tokenizer_only", "--output_dir", str(out)])
     model, tokenizer = load_model_and_tokenizer(str(out), dtype="float32", device="cpu")
     import sentencepiece as spm
@@ -295,7 +292,7 @@ def test_merge_chinese_loras_matches_peft_and_pth_roundtrip(tiny_base, chinese_l
     base_logits = hf_logits(load_base(tiny_base), tokens[:, :-1])
     assert (expected[:, :-1, :vocab - 1] - base_logits).abs().max() > 0.1  # the LoRAs change the model
 
-    # The seed's command line (second path without ./, as the seed writes it).
+    # The original repository's command line (second path without ./, as the original README writes it).
     out = tmp_path / "chinese-alpaca-7b"
     proc = run_script(MERGE, ["--base_model", "./7B-hf", "--lora_model",
                               "./chinese-llama-plus-lora-7b,chinese-alpaca-plus-lora-7b",
@@ -457,3 +454,27 @@ def test_merge_missing_adapter_file(tiny_base, chinese_loras, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         merge.main(["--base_model", str(tiny_base), "--lora_model", str(bad), "--output_dir", str(tmp_path / "o")])
     assert_one_line_error(capsys, e, "adapter_model.bin")
+
+
+# ------------------------------------------------------- the original flags, strict parsing
+
+@pytest.mark.parametrize("script,args,fragment", [
+    (convert, ["--input_dir", "x"], "config key 'output_dir' is required"),
+    (convert, ["--input_dir", "x", "--output_dir", "y", "--model_sise", "7B"], "did you mean model_size"),
+    (merge, ["--lora_model", "a,b", "--output_dir", "y", "--output_type", "gguf"], "'gguf' is not one of huggingface, pth"),
+    (merge, ["--output_dir", "y"], "config key 'lora_model' is required"),
+])
+def test_model_hub_flags_are_parsed_strictly(script, args, fragment, capsys):
+    with pytest.raises(SystemExit) as e:
+        script.main(args)
+    assert_one_line_error(capsys, e, fragment)
+
+
+def test_model_hub_help_explains_each_flag(capsys):
+    with pytest.raises(SystemExit) as e:
+        merge.main(["--help"])
+    assert e.value.code == 0
+    lines = capsys.readouterr().out.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.lstrip().startswith("--output_type "))
+    # The meaning written beside the default in the script, on the line under the key.
+    assert "Meta's consolidated.00.pth + params.json" in lines[at + 1]

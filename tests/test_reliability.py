@@ -111,6 +111,7 @@ def test_custom_label_set_is_scored_with_every_type(tmp_path, tiny_model, adapte
         test.main([f"--lora_model={adapter}", f"--test_path={data / 'test.txt'}"])
 
 
+@pytest.mark.slow
 def test_training_records_the_label_set_and_test_scores_it(tmp_path, tiny_model):
     corpus = tmp_path / "gpe.txt"
     write_bmes(corpus, GPE_SENTENCES * 10)
@@ -140,8 +141,7 @@ def test_model_answer_with_unknown_type_is_unparseable_not_dropped():
 # ------------------------------------------------------------ 3. one training per save_dir
 
 LOCK_HOLDER = """
-import sys, time
-sys.path.insert(0, {root!r})
+import time
 from train_core import save_dir_lock
 with save_dir_lock({save_dir!r}):
     print("locked", flush=True)
@@ -149,9 +149,11 @@ with save_dir_lock({save_dir!r}):
 """
 
 
+@pytest.mark.slow
 def test_second_training_into_the_same_save_dir_is_refused(tmp_path, tiny_model, train16):
     save_dir = tmp_path / "run"
-    holder = subprocess.Popen([PYTHON, "-c", LOCK_HOLDER.format(root=str(ROOT), save_dir=str(save_dir))],
+    # `python -c` in the project root imports its modules.
+    holder = subprocess.Popen([PYTHON, "-c", LOCK_HOLDER.format(save_dir=str(save_dir))], cwd=ROOT,
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
@@ -179,6 +181,7 @@ class _Payload:
         return (os.system, (f"touch {self.marker}",))
 
 
+@pytest.mark.slow
 def test_crafted_deepspeed_checkpoint_is_refused_on_a_taken_default_port(tmp_path, tiny_model, train16):
     marker = tmp_path / "pwned"
     ckpt = tmp_path / "run" / "checkpoints" / "global_step2"
@@ -217,6 +220,7 @@ def test_trainer_under_deepspeed_checks_checkpoint_files_before_resuming(tmp_pat
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_train_deepspeed_honours_master_port(tmp_path, tiny_model, train16):
     port = free_port()
     options = {**QUICK, "model_dir": tiny_model, "train_path": train16, "dev_path": "", "save_dir": tmp_path / "run"}
@@ -345,6 +349,7 @@ def test_damaged_checkpoint_names_the_file_and_an_earlier_checkpoint(memorised_t
     assert f"--resume={run / 'checkpoint-100'}" in message
 
 
+@pytest.mark.slow
 def test_disk_full_while_saving_is_one_line(tmp_path, tiny_model, train16):
     def limit_file_size():  # every file this process writes stops at 100 kB, like a full disk
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)

@@ -5,7 +5,6 @@ import shutil
 import subprocess
 from collections import Counter
 
-import pytest
 
 from conftest import load_script
 from metrics import ERROR_CLASSES, score, score_mentions

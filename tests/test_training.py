@@ -63,6 +63,7 @@ def test_trainer_checkpoints_hold_no_base_weights(memorised_trainer, tiny_model)
     assert lora_only < base_bytes / 5
 
 
+@pytest.mark.slow
 def test_deepspeed_trainer_memorises(tmp_path, tiny_model, train16):
     options = {**MEMORISE, "model_dir": tiny_model, "train_path": train16, "dev_path": train16,
                "save_dir": tmp_path / "ds"}
@@ -86,6 +87,7 @@ SHORT = {"lora_dropout": 0.0, "learning_rate": 5e-3, "max_steps": 6, "log_steps"
          "save_steps": 100, "group_by_length": False, "warmup_ratio": 0.0}
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("script", ["train_trainer.py", "train_deepspeed.py"])
 def test_two_processes_match_one_process(tmp_path, tiny_model, train16, script):
     common = {**SHORT, "model_dir": tiny_model, "train_path": train16, "dev_path": train16}
@@ -123,6 +125,7 @@ def _kill_after(cmd, marker, timeout=600):
     assert marker.exists(), proc.stderr.read()[-3000:]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script,ckpt,marker", [
     ("train_trainer.py", "checkpoint-4", "trainer_state.json"),
     # The step's adapter export is the last thing a DeepSpeed checkpoint writes.
@@ -184,10 +187,12 @@ def test_finished_adapter_is_not_overwritten(memorised_trainer, tiny_model, trai
 def test_fp16_on_cpu_is_a_clear_error(tmp_path, tiny_model, train16):
     if torch.cuda.is_available():
         pytest.skip("fp16 is valid on a GPU")
-    proc = run_cmd([PYTHON, "train_deepspeed.py", f"--model_dir={tiny_model}", f"--train_path={train16}",
-                    f"--dev_path={train16}", f"--save_dir={tmp_path}", "--dtype=fp16"], check=False)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: config key 'dtype': fp16 training needs a GPU")
+    from config_utils import ConfigError
+
+    # Checked with the rest of the config before any data, DeepSpeed or weights: in-process, instant.
+    with pytest.raises(ConfigError, match="^config key 'dtype': fp16 training needs a GPU"):
+        load_script("train_deepspeed").main([f"--model_dir={tiny_model}", f"--train_path={train16}",
+                                             f"--dev_path={train16}", f"--save_dir={tmp_path}", "--dtype=fp16"])
 
 
 def test_interrupted_export_keeps_previous_adapter(memorised_trainer, tmp_path):
@@ -212,6 +217,7 @@ def test_interrupted_export_keeps_previous_adapter(memorised_trainer, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["adapter_model"]  # no temporary folder left
 
 
+@pytest.mark.distributed
 def test_mpirun_launches_train_deepspeed(tmp_path, tiny_model, train16):
     mpirun = Path(sys.executable).parent / "mpirun"
     env_root = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
