@@ -36,6 +36,20 @@ DEFAULT_LABEL_NAMES = {"PER": "人名", "LOC": "地名", "ORG": "机构名"}
 DATA_INFO_FILE = "data_info.json"
 
 
+# The JSONL keys of an instruct record, as config keys (training records them in train_args.json).
+COLUMN_DEFAULTS = {
+    "instruct_column": "instruct",  # JSONL key of the instruction
+    "query_column": "query",  # JSONL key of the text (文本：...)
+    "response_column": "answer",  # JSONL key of the answer the model learns
+}
+
+
+def columns_of(args):
+    """(instruct, query, answer) column names of a config or train_args dict, defaults filled in."""
+    get = args.get if isinstance(args, dict) else (lambda k, d=None: getattr(args, k, d))
+    return tuple(get(key, default) or default for key, default in COLUMN_DEFAULTS.items())
+
+
 class DataError(UserError):
     """Bad data file: the message starts with `path:line:`."""
 
@@ -127,7 +141,7 @@ def format_answer(entities, label_names=None):
     return "\n".join(lines) if lines else NO_ENTITY
 
 
-def load_data(path, columns=("instruct", "query", "answer"), allow_empty=False, line_numbers=False):
+def load_data(path, columns=tuple(COLUMN_DEFAULTS.values()), allow_empty=False, line_numbers=False):
     """Read instruct JSONL into a list of dicts; any bad line fails with `path:line: reason`.
 
     Blank lines are skipped. Every record must hold each name in `columns` as a string.
@@ -166,9 +180,7 @@ class NerCollate:
 
     def __init__(self, args, tokenizer):
         get = args.get if isinstance(args, dict) else (lambda k, d=None: getattr(args, k, d))
-        self.instruct_column = get("instruct_column", "instruct")
-        self.query_column = get("query_column", "query")
-        self.response_column = get("response_column", "answer")
+        self.instruct_column, self.query_column, self.response_column = columns_of(args)
         self.max_seq_length = int(get("max_seq_length", 256))
         self.tokenizer = tokenizer
         if tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:

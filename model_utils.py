@@ -106,20 +106,31 @@ def resolve_device(device="auto"):
     return torch.device(device)
 
 
+# Every dtype name a script accepts, in one table (training, inference and the model_hub scripts).
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def dtype_from_name(name, key="dtype"):
+    """A dtype name -> torch dtype; "auto" (or empty) -> None, for the caller to decide."""
+    if name in (None, "", "auto"):
+        return None
+    if name not in DTYPES:
+        raise ModelLoadError(f"config key '{key}': unknown dtype '{name}'; use one of auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
 def resolve_dtype(dtype="auto", device="cpu"):
     """'auto' -> bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU."""
     device = torch.device(device)
     if isinstance(dtype, torch.dtype):
         return dtype
-    if dtype in (None, "", "auto"):
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
-        return torch.float32
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-    if dtype not in names:
-        raise ModelLoadError(f"unknown dtype '{dtype}'; use one of auto, {', '.join(names)}")
-    return names[dtype]
+    chosen = dtype_from_name(dtype)
+    if chosen is not None:
+        return chosen
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    return torch.float32
 
 
 def check_model_dir(model_dir):

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from config_utils import ConfigError, parse_config, run_cli
-from dataset import NO_ENTITY, QUERY_PREFIX, DataError, NerCollate, atomic_write_text, load_data, read_text
+from dataset import COLUMN_DEFAULTS, NO_ENTITY, QUERY_PREFIX, DataError, NerCollate, atomic_write_text, load_data, read_text
 from metrics import parse_answer
 from model_utils import (INFER_DEFAULTS, check_infer_config, instruct_for, label_names_for, load_from_config,
                          ner_generate, recorded_args)
@@ -46,7 +46,7 @@ def read_inputs(cfg, instruct):
     lines = read_text(path).splitlines()
     first = next((line for line in lines if line.strip()), "")
     if first.lstrip().startswith("{"):
-        return load_data(path, columns=("instruct", "query"))
+        return load_data(path, columns=tuple(COLUMN_DEFAULTS.values())[:2])  # instruct, query
     records = [{"instruct": instruct, "query": QUERY_PREFIX + line.strip()} for line in lines if line.strip()]
     if not records:
         raise DataError(f"{path}:1: file holds no text")
@@ -140,7 +140,7 @@ def main(argv=None):
         raise ConfigError(f"config key 'output_file': folder {Path(cfg.output_file).parent} does not exist")
     model, tokenizer, train_args = load_from_config(cfg)
     # Records here use the standard column names whatever the adapter was trained with.
-    train_args = {**train_args, "instruct_column": "instruct", "query_column": "query"}
+    train_args = {**train_args, **COLUMN_DEFAULTS}
     pieces, owners, starts = windowed(records, tokenizer, train_args, cfg.max_new_tokens,
                                       model.config.max_position_embeddings)
     outputs, _ = ner_generate(model, tokenizer, train_args, pieces, cfg.batch_size, cfg.max_new_tokens)

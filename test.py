@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from config_utils import ConfigError, parse_config, run_cli
-from dataset import QUERY_PREFIX, DataError, atomic_write_text, load_data, read_text
+from dataset import QUERY_PREFIX, DataError, atomic_write_text, columns_of, load_data, read_text
 from metrics import format_table, mention_spans, parse_answer, score, score_mentions
 from model_utils import (
     INFER_DEFAULTS,
@@ -91,10 +91,9 @@ def main(argv=None):
     # The test file is checked, with the columns and labels the adapter was trained on, and the
     # output folder made, before the model loads: nothing after generation can fail on them.
     recorded = recorded_args(cfg)
-    query_col = recorded.get("query_column", "query")
-    answer_col = recorded.get("response_column", "answer")
-    records, linenos = load_data(cfg.test_path, (recorded.get("instruct_column", "instruct"), query_col, answer_col),
-                                 line_numbers=True)
+    columns = columns_of(recorded)
+    _, query_col, answer_col = columns
+    records, linenos = load_data(cfg.test_path, columns, line_numbers=True)
     if cfg.limit > 0:
         records, linenos = records[:cfg.limit], linenos[:cfg.limit]
     label_names = label_names_for(recorded, cfg.test_path)

@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 
 from config_utils import ConfigError, UserError
-from dataset import (DEFAULT_LABEL_NAMES, PROMPT_ID, EncodedDataset, NerCollate, atomic_write_text, load_data,
+from dataset import (COLUMN_DEFAULTS, DEFAULT_LABEL_NAMES, PROMPT_ID, EncodedDataset, NerCollate, atomic_write_text, columns_of, load_data,
                      read_data_info)
-from model_utils import TRAIN_ARGS_FILE, check_model_dir, load_model_and_tokenizer, load_tokenizer
+from model_utils import TRAIN_ARGS_FILE, check_model_dir, load_model_and_tokenizer, load_tokenizer, resolve_dtype
 
 ADAPTER_DIR = "adapter_model"
 LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -40,9 +40,7 @@ TRAIN_DEFAULTS = {
         "modules_to_save": [],  # e.g. embed_tokens,lm_head to train them fully (the tiny model needs it)
     },
     "max_seq_length": 256,  # tokens; MSRA examples average ~127 with Chinese-LLaMA, 1.5% exceed 192
-    "instruct_column": "instruct",  # JSONL key of the instruction
-    "query_column": "query",  # JSONL key of the text (文本：...)
-    "response_column": "answer",  # JSONL key of the answer the model learns
+    **COLUMN_DEFAULTS,
     "train_path": "data/msra/instruct_data/train.txt",  # instruct JSONL (process.py writes it)
     "dev_path": "data/msra/instruct_data/dev.txt",  # dev JSONL for the eval loss; "" = none
     "train_limit": 0,  # use only the first N training examples (0 = all)
@@ -103,6 +101,15 @@ def validate_train_config(cfg):
     training_dtype(cfg)
     if cfg.resume and cfg.resume is not True and not Path(str(cfg.resume)).is_dir():
         raise ConfigError(f"config key 'resume': checkpoint '{cfg.resume}' does not exist")
+    if (Path(cfg.model_dir) / "config.json").is_file():  # else prepare_save_dir explains model_dir
+        check_target_modules(linear_module_names(cfg.model_dir), cfg.lora_target_modules)
+
+
+def check_zero_stage(stage, where="config key 'zero_stage'"):
+    """ZeRO 0-2 only, for both trainers: stage 3 partitions the weights the adapter export reads."""
+    if stage not in (0, 1, 2):
+        raise ConfigError(f"{where}: ZeRO stage {stage} is not supported; use 0, 1 or 2 (stage 3 partitions "
+                          f"the weights the adapter export reads, and LoRA's optimizer state is small anyway)")
 
 
 LOCK_FILE = ".train.lock"
@@ -142,22 +149,15 @@ def save_dir_lock(save_dir):
 def training_dtype(cfg):
     """(torch dtype for the base weights, 'bf16'|'fp16'|None for mixed precision)."""
     cuda = torch.cuda.is_available()
-    name = cfg.dtype
-    if name == "auto":
-        name = ("bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16") if cuda else "fp32"
-    aliases = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
-    name = aliases.get(name, name)
-    if name not in ("bf16", "fp16", "fp32"):
-        raise ConfigError(f"config key 'dtype': {cfg.dtype!r} is not one of auto, bf16, fp16, fp32")
-    if name == "fp16" and not cuda:
+    torch_dtype = resolve_dtype(cfg.dtype, "cuda" if cuda else "cpu")
+    if torch_dtype == torch.float16 and not cuda:
         raise ConfigError("config key 'dtype': fp16 training needs a GPU; use dtype=fp32 (or bf16) on a CPU")
-    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
-    return torch_dtype, (None if name == "fp32" else name)
+    return torch_dtype, {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(torch_dtype)
 
 
 def load_datasets_checked(cfg):
     """Read and validate train/dev JSONL before anything heavy happens."""
-    columns = (cfg.instruct_column, cfg.query_column, cfg.response_column)
+    columns = columns_of(cfg)
     train = load_data(cfg.train_path, columns)
     dev = load_data(cfg.dev_path, columns) if cfg.dev_path else []
     if cfg.train_limit > 0:
@@ -329,9 +329,18 @@ def load_training_tokenizer(cfg):
     return load_tokenizer(cfg.tokenizer_path or cfg.model_dir)
 
 
-def check_target_modules(model, names):
+def linear_module_names(model_dir):
+    """Names (last part) of the model's linear layers, from its config alone: the model is built on
+    the meta device, which allocates no weights, so this takes a moment even for 7B."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(model_dir)))
+    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+
+
+def check_target_modules(linear, names):
     """Every LoRA target must name a linear layer of the model (PEFT matches on name suffixes)."""
-    linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
     missing = [t for t in names if t not in linear]
     if missing:
         raise ConfigError(f"config key 'lora_target_modules': {', '.join(missing)} matches no linear layer of "
@@ -349,7 +358,6 @@ def build_model(cfg, tokenizer=None):
         cfg.model_dir, tokenizer_path=cfg.tokenizer_path, dtype=torch_dtype, device="cpu", is_trainable=True,
         tokenizer=tokenizer,
     )
-    check_target_modules(model, cfg.lora_target_modules)
     # Training sequences are right-padded (labels line up with positions 0..n-1).
     tokenizer.padding_side = "right"
     if cfg.gradient_checkpointing:

@@ -21,9 +21,10 @@ import torch
 from config_utils import ConfigError, parse_config, run_cli
 from dataset import length_grouped_indices
 from train_core import (
-    ADAPTER_DIR, TRAIN_DEFAULTS, batch_loss, build_datasets, build_model, export_adapter, load_datasets_checked,
-    load_checkpoint_file, load_training_tokenizer, lr_schedule, plot_loss_curve, prepare_save_dir, report_engine, resolve_resume,
-    save_dir_lock, start_run, training_dtype, validate_train_config, write_json,
+    ADAPTER_DIR, TRAIN_DEFAULTS, batch_loss, build_datasets, build_model, check_zero_stage, export_adapter,
+    load_checkpoint_file, load_datasets_checked, load_training_tokenizer, lr_schedule, plot_loss_curve,
+    prepare_save_dir, report_engine, resolve_resume, save_dir_lock, start_run, training_dtype,
+    validate_train_config, write_json,
 )
 
 CHECKPOINTS = "checkpoints"  # engine checkpoints live in <save_dir>/checkpoints/global_step<N>/
@@ -36,17 +37,10 @@ DEFAULTS = {
 }
 
 
-def check_zero_stage(cfg):
-    if cfg.zero_stage not in (0, 1, 2):
-        raise ConfigError(
-            "config key 'zero_stage': use 0, 1 or 2 (stage 3 partitions the weights the adapter export reads)"
-        )
-
-
 def deepspeed_config(cfg, world_size):
     """The DeepSpeed JSON, derived from the config dict so it never drifts from it."""
     _, mixed = training_dtype(cfg)
-    check_zero_stage(cfg)
+    check_zero_stage(cfg.zero_stage)
     zero = {"stage": cfg.zero_stage}
     if cfg.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
@@ -190,7 +184,7 @@ def distributed_port():
 def main(argv=None):
     cfg = parse_config(DEFAULTS, argv)
     validate_train_config(cfg)
-    check_zero_stage(cfg)
+    check_zero_stage(cfg.zero_stage)
     train_records, dev_records = load_datasets_checked(cfg)  # fail fast, before the model loads
     with save_dir_lock(cfg.save_dir):
         return train(cfg, train_records, dev_records)

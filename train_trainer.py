@@ -17,10 +17,10 @@ import torch
 
 from config_utils import ConfigError, parse_config, run_cli
 from train_core import (
-    ADAPTER_DIR, TRAIN_DEFAULTS, batch_loss, build_datasets, build_model, export_adapter, latest_trainer_checkpoint,
-    load_datasets_checked, load_training_tokenizer, plot_loss_curve, prepare_save_dir, report_engine,
-    resolve_resume, save_dir_lock, start_run, training_dtype, validate_train_config, verify_deepspeed_checkpoint,
-    write_json,
+    ADAPTER_DIR, TRAIN_DEFAULTS, batch_loss, build_datasets, build_model, check_zero_stage, export_adapter,
+    latest_trainer_checkpoint, load_datasets_checked, load_training_tokenizer, plot_loss_curve, prepare_save_dir,
+    report_engine, resolve_resume, save_dir_lock, start_run, training_dtype, validate_train_config,
+    verify_deepspeed_checkpoint, write_json,
 )
 
 DEFAULTS = {
@@ -102,9 +102,7 @@ def check_deepspeed_json(cfg):
         raise ConfigError(f"config key 'deepspeed_json_path': {cfg.deepspeed_json_path} does not exist")
     stage = json.loads(Path(cfg.deepspeed_json_path).read_text(encoding="utf-8")).get(
         "zero_optimization", {}).get("stage", 0)
-    if stage == 3:
-        raise ConfigError(f"{cfg.deepspeed_json_path}: ZeRO stage 3 partitions the weights the adapter "
-                          f"export reads; use stage 0, 1 or 2 (LoRA's optimizer state is small)")
+    check_zero_stage(stage, str(cfg.deepspeed_json_path))
 
 
 def main(argv=None):

@@ -46,10 +46,6 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
 # stale shard can never be loaded beside the new ones.
 WEIGHT_FILE_PATTERNS = ("model*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin",
                         "pytorch_model.bin.index.json", "consolidated.*.pth")
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
-          "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-
-
 def tensor_table(n_layers):
     """[(meta_name, hf_name, split_dim, rotary)] for every converted tensor, in model order."""
     table = [GLOBAL_TENSORS[0]]
@@ -101,14 +97,6 @@ def parse_size(text):
         raise ModelHubError(f"--max_shard_size '{text}' is not a size such as 2GB, 500MB or 1000000")
     unit = {"": 1, "B": 1, "K": 1e3, "KB": 1e3, "M": 1e6, "MB": 1e6, "G": 1e9, "GB": 1e9}[match.group(2)]
     return int(float(match.group(1)) * unit)
-
-
-def parse_dtype(name):
-    if name in (None, "", "auto"):
-        return None
-    if name not in DTYPES:
-        raise ModelHubError(f"unknown dtype '{name}'; use auto, {', '.join(DTYPES)}")
-    return DTYPES[name]
 
 
 def read_json(path):

@@ -28,9 +28,10 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from config_utils import parse_config, require_keys, run_cli  # noqa: E402
+from model_utils import dtype_from_name  # noqa: E402
 from model_hub._llama_layout import (  # noqa: E402
     IGNORED_TENSORS, ModelHubError, check_output_dir, dtype_name, has_tokenizer,
-    load_torch_file, meta_to_hf_permute, parse_dtype, parse_size, plan_shards, prepare_output_dir,
+    load_torch_file, meta_to_hf_permute, parse_size, plan_shards, prepare_output_dir,
     read_json, save_shard, shard_file_name, tensor_table, write_index,
 )
 
@@ -265,7 +266,7 @@ def convert(args):
         return out
 
     check_output_dir(out, args.overwrite, inputs=[input_dir, input_dir / args.model_size])
-    dtype_arg = parse_dtype(args.dtype)
+    dtype_arg = dtype_from_name(args.dtype)  # None: keep the checkpoint's
     max_shard_bytes = parse_size(args.max_shard_size)
     model_dir, shard_paths = find_checkpoint(input_dir, args.model_size)
     tokenizer_dir = find_tokenizer_dir(input_dir, model_dir)

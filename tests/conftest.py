@@ -113,13 +113,12 @@ def memorised_trainer(tmp_path_factory, tiny_model, train16):
     return save_dir
 
 
-def score_adapter(adapter, records, batch_size=8):
-    """Greedy answers from a saved adapter folder -> entity metrics against the records' answers."""
-    from metrics import parse_answer, score
-    from model_utils import load_for_inference, ner_generate
+def score_adapter(adapter, test_path, batch_size=8):
+    """test.py on a saved adapter folder: (its metrics, the generated answers in file order)."""
+    import tempfile
 
-    model, tokenizer, train_args = load_for_inference(str(adapter), device="cpu")
-    outputs, _ = ner_generate(model, tokenizer, train_args, records, batch_size=batch_size, max_new_tokens=48)
-    examples = [{"text": r["query"], "gold": parse_answer(r["answer"]).entities,
-                 "pred": parse_answer(o).entities} for r, o in zip(records, outputs)]
-    return score(examples), outputs
+    out = Path(tempfile.mkdtemp(prefix="score-"))
+    metrics = load_script("test").main([f"--lora_model={adapter}", f"--test_path={test_path}",
+                                        f"--batch_size={batch_size}", "--max_new_tokens=48", f"--output_dir={out}"])
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
+    return metrics, [row["output"] for row in rows]

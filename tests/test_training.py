@@ -11,7 +11,6 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import MEMORISE, PYTHON, ROOT, as_argv, free_port, load_script, run_cmd, score_adapter
-from dataset import load_data
 
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors", "train_args.json", "tokenizer_config.json"}
@@ -42,7 +41,7 @@ def test_trainer_memorises_and_saves_what_inference_needs(memorised_trainer, tra
     assert args["vocab_size"] == 4000 and args["learning_rate"] == MEMORISE["learning_rate"]
     history = json.loads((adapter / "log_history.json").read_text())
     assert any("eval_loss" in r for r in history)
-    metrics, _ = score_adapter(adapter, load_data(train16))
+    metrics, _ = score_adapter(adapter, train16)
     assert metrics["f1"] >= 0.95, metrics
 
 
@@ -77,7 +76,7 @@ def test_deepspeed_trainer_memorises(tmp_path, tiny_model, train16):
     # Engine checkpoints exclude the frozen base weights.
     states = torch.load(next(ckpt.glob("mp_rank_00_model_states.pt")), weights_only=False)["module"]
     assert states and all("lora_" in k or "embed_tokens" in k or "lm_head" in k for k in states)
-    metrics, _ = score_adapter(adapter, load_data(train16))
+    metrics, _ = score_adapter(adapter, train16)
     assert metrics["f1"] >= 0.95, metrics
 
 
