@@ -24,8 +24,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT))  # run as `python model_hub/<script>.py`: the project's modules live one up
 
 from config_utils import parse_config, require_keys, run_cli  # noqa: E402
 from model_utils import dtype_from_name  # noqa: E402
