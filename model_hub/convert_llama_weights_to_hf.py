@@ -102,9 +102,17 @@ def load_tokenizer(tokenizer_dir):
 
 
 def write_tokenizer(tokenizer, tokenizer_dir, output_dir):
+    import json
     import shutil
 
+    # LLaMA's tokenizer starts every text with BOS (the original conversion writes
+    # add_bos_token: true); transformers 5 does not unless told, and other tools read the flag.
+    tokenizer.add_bos_token, tokenizer.add_eos_token = True, False
     tokenizer.save_pretrained(str(output_dir))
+    config_file = Path(output_dir) / "tokenizer_config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    config.update(add_bos_token=True, add_eos_token=False)
+    config_file.write_text(json.dumps(config, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
     if (tokenizer_dir / "tokenizer.model").is_file():
         # SentencePiece users (and Meta's own code) read the original model file.
         shutil.copyfile(tokenizer_dir / "tokenizer.model", Path(output_dir) / "tokenizer.model")
@@ -222,6 +230,7 @@ def write_config(ckpt, tokenizer, dtype, max_position_embeddings, output_dir):
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False,
     )
     config.dtype = dtype_name(dtype)
+    config.architectures = ["LlamaForCausalLM"]  # serving tools (vLLM, TGI) pick the model class from it
     config.save_pretrained(str(output_dir))
     GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id).save_pretrained(
         str(output_dir))

@@ -372,6 +372,7 @@ def merge(args):
         write_index(out, weight_map, total)
         config = {k: v for k, v in base.config.items() if k != "transformers_version"}
         config["vocab_size"] = vocab
+        config.setdefault("architectures", ["LlamaForCausalLM"])  # bases converted without it still serve
         write_json(out / "config.json", config)
         if (base.dir / "generation_config.json").is_file():
             (out / "generation_config.json").write_text(

@@ -478,3 +478,20 @@ def test_model_hub_help_explains_each_flag(capsys):
     at = next(i for i, line in enumerate(lines) if line.lstrip().startswith("--output_type "))
     # The meaning written beside the default in the script, on the line under the key.
     assert "Meta's consolidated.00.pth + params.json" in lines[at + 1]
+
+
+def test_converted_folder_loads_in_plain_transformers(small_meta):
+    """Other tools load the converter's output with the Auto classes alone: they need the
+    architectures field and a tokenizer that adds BOS, as the original conversion's does."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    run_convert(small_meta)
+    out = small_meta / "out"
+    assert AutoConfig.from_pretrained(out).architectures == ["LlamaForCausalLM"]
+    assert type(AutoModelForCausalLM.from_pretrained(out)).__name__ == "LlamaForCausalLM"
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(small_meta / "tokenizer.model"))
+    # Plain tokenizer(text): BOS, then exactly SentencePiece's pieces, and no EOS.
+    assert tokenizer(SENTENCES[1]).input_ids == [sp.bos_id()] + sp.encode(SENTENCES[1])
