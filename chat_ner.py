@@ -10,13 +10,12 @@ training joined them (a bare `文本：<sentence>` gets the default NER instruct
 input is a plain Alpaca instruction. Decoding is greedy unless --do_sample is given (no
 repetition penalty: NER answers copy words from the input on purpose).
 """
-import argparse
 import json
 import os
 import sys
 
-from config_utils import UserError, run_cli
-from dataset import DEFAULT_INSTRUCT, QUERY_PREFIX, atomic_write_text, encode_prompt, read_text
+from config_utils import ConfigError, UserError, parse_config, run_cli
+from dataset import DEFAULT_INSTRUCT, QUERY_PREFIX, atomic_write_text, check_prompt_style, encode_prompt, read_text
 
 BANNER = """+ 该模式下仅支持单轮问答，无多轮对话能力。空行、Ctrl-D 或 Ctrl-C 退出。
 + This mode only supports single-turn QA. An empty line, Ctrl-D or Ctrl-C quits.
@@ -24,49 +23,55 @@ BANNER = """+ 该模式下仅支持单轮问答，无多轮对话能力。空行
 """
 
 
-def _positive(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
+DEFAULTS = {
+    "base_model": "",  # base model folder; "" = model_dir in the adapter's train_args.json
+    "lora_model": "",  # trained adapter folder (optional)
+    "tokenizer_path": "",  # "" = the adapter's tokenizer, else the base model's
+    "with_prompt": False,  # wrap inputs in the training prompt (NER inputs: <instruction>文本：<sentence>)
+    "prompt_style": "",  # "" = the adapter's (train_args.json), else alpaca; or llama2_chat, chat_template
+    "interactive": False,  # read inputs from the terminal; an empty line, Ctrl-D or Ctrl-C quits
+    "data_file": "",  # file mode: one input per line
+    "predictions_file": "./predictions.json",  # where file mode writes its outputs (a JSON list)
+    "gpus": "0",  # CUDA_VISIBLE_DEVICES for this run, e.g. 0,1
+    "only_cpu": False,  # run on the CPU even when a GPU exists
+    "max_new_tokens": 128,  # answer budget in tokens
+    "batch_size": 8,  # inputs generated together in file mode
+    "do_sample": False,  # sample instead of greedy decoding
+    "temperature": 0.7,  # sampling only
+    "top_p": 0.9,  # sampling only
+    "top_k": 40,  # sampling only
+    "trust_remote_code": False,  # run code shipped with the model (only for models transformers lacks)
+}
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--base_model", default=None, help="base model dir (default: the adapter's train_args.json)")
-    p.add_argument("--lora_model", default=None, help="trained adapter folder (optional)")
-    p.add_argument("--tokenizer_path", default=None, help="default: the adapter's, else the base model's")
-    p.add_argument("--with_prompt", action="store_true", help="wrap inputs in the training prompt template")
-    p.add_argument("--interactive", action="store_true", help="read inputs from the terminal")
-    p.add_argument("--data_file", default=None, help="one input per line")
-    p.add_argument("--predictions_file", default="./predictions.json", help="where file mode writes its outputs")
-    p.add_argument("--gpus", default="0", help="CUDA_VISIBLE_DEVICES for this run, e.g. 0,1")
-    p.add_argument("--only_cpu", action="store_true", help="run on the CPU even when a GPU exists")
-    p.add_argument("--max_new_tokens", type=_positive, default=128)
-    p.add_argument("--batch_size", type=_positive, default=8, help="inputs generated together in file mode")
-    p.add_argument("--do_sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--top_p", type=float, default=0.9)
-    p.add_argument("--top_k", type=int, default=40)
-    args = p.parse_args(argv)
+    """The original chat script's flags (`--base_model X --with_prompt --interactive`), parsed
+    strictly by config_utils like every script of the project."""
+    args = parse_config(DEFAULTS, argv)
     if not args.interactive and not args.data_file:
-        p.error("give --interactive or --data_file")
+        raise ConfigError("give --interactive or --data_file=<one input per line>")
     if not args.base_model and not args.lora_model:
-        p.error("give --base_model and/or --lora_model")
+        raise ConfigError("give --base_model and/or --lora_model")
+    for key in ("max_new_tokens", "batch_size"):
+        if args[key] < 1:
+            raise ConfigError(f"config key '{key}': {args[key]} must be at least 1")
+    if args.prompt_style:
+        check_prompt_style(args.prompt_style)
     return args
 
 
-def prompt_ids(tokenizer, text, with_prompt, default_instruct=None):
+def prompt_ids(tokenizer, text, with_prompt, default_instruct=None, style="alpaca"):
     """Token ids for one input. `<instruction>文本：<sentence>` is split as training joined it (a bare
-    `文本：<sentence>` gets `default_instruct`); any other text is a plain Alpaca instruction."""
+    `文本：<sentence>` gets `default_instruct`); any other text is the whole instruction."""
     text = text.strip().removeprefix("\ufeff").strip()
     if not with_prompt:
-        return [tokenizer.bos_token_id] + tokenizer.encode(text, add_special_tokens=False)
+        bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+        return bos + tokenizer.encode(text, add_special_tokens=False)
     if QUERY_PREFIX in text:
         instruct, _, sentence = text.partition(QUERY_PREFIX)
         return encode_prompt(tokenizer, instruct.strip() or default_instruct or DEFAULT_INSTRUCT,
-                             QUERY_PREFIX + sentence.strip())
-    return encode_prompt(tokenizer, text)
+                             QUERY_PREFIX + sentence.strip(), style)
+    return encode_prompt(tokenizer, text, style=style)
 
 
 class Chat:
@@ -76,9 +81,14 @@ class Chat:
         self._generate = generate
         self.args = args
         self.model, self.tokenizer, train_args = load_for_inference(
-            args.lora_model, model_dir=args.base_model, tokenizer_path=args.tokenizer_path,
-            device="cpu" if args.only_cpu else "auto",
+            args.lora_model or None, model_dir=args.base_model or None, tokenizer_path=args.tokenizer_path or None,
+            device="cpu" if args.only_cpu else "auto", trust_remote_code=args.trust_remote_code,
         )
+        recorded = train_args.get("prompt_style", "alpaca")
+        if args.prompt_style and train_args and args.prompt_style != recorded:
+            raise UserError(f"--prompt_style {args.prompt_style}: adapter '{args.lora_model}' was trained with "
+                            f"prompt_style {recorded}")
+        self.style = check_prompt_style(args.prompt_style or recorded, self.tokenizer)
         self.instruct = instruct_for(train_args)  # for a bare `文本：<sentence>`
         # Room for the answer inside the model's context window.
         self.max_prompt = self.model.config.max_position_embeddings - args.max_new_tokens
@@ -92,7 +102,7 @@ class Chat:
     def respond(self, texts):
         prompts = []
         for text in texts:
-            ids = prompt_ids(self.tokenizer, text, self.args.with_prompt, self.instruct)
+            ids = prompt_ids(self.tokenizer, text, self.args.with_prompt, self.instruct, self.style)
             if len(ids) > self.max_prompt:
                 print(f"warning: input is {len(ids)} tokens; keeping the last {self.max_prompt} to fit the "
                       f"model's context", file=sys.stderr)
@@ -140,7 +150,7 @@ def run(args):
         inputs = read_inputs(args.data_file)  # checked before the model loads
         out_dir = os.path.dirname(os.path.abspath(args.predictions_file))
         if not os.path.isdir(out_dir):
-            raise UserError(f"--predictions_file: folder {out_dir} does not exist")
+            raise UserError(f"config key 'predictions_file': folder {out_dir} does not exist")
     chat = Chat(args)
     if args.interactive:
         interactive(chat)
@@ -149,10 +159,13 @@ def run(args):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    if not args.only_cpu:
-        os.environ.setdefault("CUDA_VISIBLE_DEVICES", args.gpus)
-    run_cli(lambda: run(args))
+    def start():
+        args = parse_args(argv)
+        if not args.only_cpu:
+            os.environ.setdefault("CUDA_VISIBLE_DEVICES", args.gpus)
+        run(args)
+
+    run_cli(start)
 
 
 if __name__ == "__main__":

@@ -14,12 +14,23 @@ import torch
 
 from config_utils import UserError
 
-# Chinese-Alpaca's template, as taishan1994/Chinese-LLaMA-Alpaca-LoRA-Tuning trained with it. The only copy in the project.
+# Every prompt format lives here, selected by the `prompt_style` recorded beside each adapter.
+# alpaca: Chinese-Alpaca's template, as taishan1994/Chinese-LLaMA-Alpaca-LoRA-Tuning trained with it (the default).
 PROMPT_TEMPLATE = (
     "Below is an instruction that describes a task. Write a response that appropriately "
     "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response: "
 )
-PROMPT_ID = "chinese-alpaca-v1"  # saved beside every adapter so inference can check it
+# llama2_chat: Chinese-Alpaca-2's format (LLaMA-2 chat with its default system prompt).
+LLAMA2_CHAT_TEMPLATE = "[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{instruction} [/INST]"
+DEFAULT_SYSTEM = "You are a helpful assistant. 你是一个乐于助人的助手。"
+# chat_template: the tokenizer's own chat template (Qwen's ChatML, Llama-3's headers, ...), with
+# DEFAULT_SYSTEM as the system turn and the instruction as the user turn.
+PROMPT_STYLES = {  # style -> id saved beside every adapter, so inference can check it
+    "alpaca": "chinese-alpaca-v1",
+    "llama2_chat": "chinese-alpaca-2",
+    "chat_template": "tokenizer-chat-template",
+}
+PROMPT_ID = PROMPT_STYLES["alpaca"]
 
 # The instruction of taishan1994/Chinese-LLaMA-Alpaca-LoRA-Tuning for MSRA (the model is asked for people, places and organisations).
 DEFAULT_INSTRUCT = (
@@ -52,6 +63,10 @@ def columns_of(args):
 
 class DataError(UserError):
     """Bad data file: the message starts with `path:line:`."""
+
+
+class PromptError(UserError, ValueError):
+    """A prompt that cannot be built: unknown style, no chat template, a tokenizer without BOS/EOS."""
 
 
 class TooLongError(ValueError):
@@ -113,20 +128,43 @@ def atomic_write_text(path, text):
         raise
 
 
-def build_prompt(instruct, query=None):
-    """The prompt for one example; the model's answer follows it directly.
+def check_prompt_style(style, tokenizer=None):
+    if style not in PROMPT_STYLES:
+        raise PromptError(f"config key 'prompt_style': {style!r} is not one of {', '.join(PROMPT_STYLES)}")
+    if style == "chat_template" and tokenizer is not None and not getattr(tokenizer, "chat_template", None):
+        raise PromptError("config key 'prompt_style': chat_template needs a tokenizer with a chat template, and "
+                        f"{getattr(tokenizer, 'name_or_path', 'this tokenizer')} has none; use alpaca or llama2_chat")
+    return style
+
+
+def build_prompt(instruct, query=None, style="alpaca", tokenizer=None):
+    """The prompt text for one example; the model's answer follows it directly.
 
     NER examples give both parts (joined by a newline, as in training); free chat gives the
-    whole instruction as `instruct`.
+    whole instruction as `instruct`. `chat_template` renders through `tokenizer`.
     """
     instruction = instruct if query is None else f"{instruct}\n{query}"
-    return PROMPT_TEMPLATE.format(instruction=instruction)
+    if style == "alpaca":
+        return PROMPT_TEMPLATE.format(instruction=instruction)
+    if style == "llama2_chat":
+        return LLAMA2_CHAT_TEMPLATE.format(system=DEFAULT_SYSTEM, instruction=instruction)
+    check_prompt_style(style, tokenizer)
+    user = {"role": "user", "content": instruction}
+    try:
+        return tokenizer.apply_chat_template([{"role": "system", "content": DEFAULT_SYSTEM}, user],
+                                             tokenize=False, add_generation_prompt=True)
+    except Exception:  # templates without a system role (Mistral's) raise on one: the user turn alone
+        return tokenizer.apply_chat_template([user], tokenize=False, add_generation_prompt=True)
 
 
-def encode_prompt(tokenizer, instruct, query=None):
-    """`[BOS] + prompt` token ids: what inference feeds the model, and the prompt part of a
-    training sequence (the collator builds its sequences with this same function)."""
-    return [tokenizer.bos_token_id] + tokenizer.encode(build_prompt(instruct, query), add_special_tokens=False)
+def encode_prompt(tokenizer, instruct, query=None, style="alpaca"):
+    """The prompt's token ids: what inference feeds the model, and the prompt part of a training
+    sequence (the collator builds its sequences with this same function). The alpaca and
+    llama2_chat texts start with BOS; a chat template writes its own start tokens, if any."""
+    text = build_prompt(instruct, query, style, tokenizer)
+    if style == "chat_template":
+        return tokenizer.encode(text, add_special_tokens=False)
+    return [tokenizer.bos_token_id] + tokenizer.encode(text, add_special_tokens=False)
 
 
 def format_answer(entities, label_names=None):
@@ -171,7 +209,9 @@ def load_data(path, columns=tuple(COLUMN_DEFAULTS.values()), allow_empty=False, 
 
 
 class NerCollate:
-    """Tokenise `[BOS] prompt answer [EOS]`, mask the prompt out of the loss, pad dynamically.
+    """Tokenise `prompt answer [EOS]` (the prompt starting with BOS or the chat template's own start),
+    mask the prompt out of the loss, pad dynamically. For chat templates EOS is the end-of-turn
+    token (Qwen's <|im_end|>, Llama-3's <|eot_id|>): the loss covers the answer and the turn's end.
 
     `args` is the flat config (attribute or dict access): it names the columns and
     `max_seq_length`. Too-long examples lose characters from the end of the query text only,
@@ -182,9 +222,12 @@ class NerCollate:
         get = args.get if isinstance(args, dict) else (lambda k, d=None: getattr(args, k, d))
         self.instruct_column, self.query_column, self.response_column = columns_of(args)
         self.max_seq_length = int(get("max_seq_length", 256))
+        self.prompt_style = check_prompt_style(get("prompt_style", "alpaca") or "alpaca", tokenizer)
         self.tokenizer = tokenizer
-        if tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:
-            raise ValueError("the tokenizer needs BOS and EOS tokens for NER training")
+        needs_bos = self.prompt_style != "chat_template"  # a chat template writes its own start tokens
+        if tokenizer.eos_token_id is None or (needs_bos and tokenizer.bos_token_id is None):
+            raise PromptError(f"the tokenizer needs BOS and EOS tokens for NER training with the "
+                            f"{self.prompt_style} prompt (a chat_template prompt needs EOS only)")
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.truncated = 0
 
@@ -192,7 +235,7 @@ class NerCollate:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def prompt_ids(self, instruct, query):
-        return encode_prompt(self.tokenizer, instruct, query)
+        return encode_prompt(self.tokenizer, instruct, query, self.prompt_style)
 
     def encode(self, example):
         instruct, query = example[self.instruct_column], example[self.query_column]

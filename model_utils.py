@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from config_utils import ConfigError, UserError
-from dataset import DEFAULT_LABEL_NAMES, PROMPT_ID, NerCollate, TooLongError, ner_instruct, read_data_info
+from dataset import DEFAULT_LABEL_NAMES, PROMPT_STYLES, NerCollate, TooLongError, ner_instruct, read_data_info
 
 TRAIN_ARGS_FILE = "train_args.json"
 MODEL_HELP = (
@@ -37,6 +37,7 @@ INFER_DEFAULTS = {
     "max_new_tokens": 64,  # answer budget; MSRA answers are ~10 tokens, the longest ~60
     "dtype": "auto",  # auto: bf16/fp16 on a GPU, fp32 on CPU
     "device": "auto",  # auto: cuda when available, else cpu; or e.g. cuda:1
+    "trust_remote_code": False,  # run code shipped with the model (only for models transformers lacks)
 }
 
 
@@ -73,6 +74,7 @@ def load_from_config(cfg):
     return load_for_inference(
         None if cfg.no_adapter else cfg.lora_model, model_dir=cfg.model_dir,
         tokenizer_path=cfg.tokenizer_path, dtype=cfg.dtype, device=cfg.device,
+        trust_remote_code=cfg.trust_remote_code,
     )
 
 
@@ -133,17 +135,33 @@ def resolve_dtype(dtype="auto", device="cpu"):
     return torch.float32
 
 
-def check_model_dir(model_dir):
+def model_type_of(model_dir):
+    return json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8")).get("model_type")
+
+
+def check_model_dir(model_dir, trust_remote_code=False):
+    """A Hugging Face model folder of an architecture transformers builds itself (any causal LM:
+    LLaMA, Qwen2/3, Mistral, ...); code shipped with the model only with trust_remote_code."""
+    from transformers import CONFIG_MAPPING
+
     path = Path(model_dir)
     if not path.is_dir():
         raise ModelLoadError(f"model_dir '{model_dir}' does not exist; {MODEL_HELP}")
     config = path / "config.json"
     if not config.is_file():
         raise ModelLoadError(f"model_dir '{model_dir}' has no config.json, so it is not a HF model directory; {MODEL_HELP}")
-    model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
-    if model_type != "llama":
-        raise ModelLoadError(f"model_dir '{model_dir}' holds model_type '{model_type}', not a LLaMA model; {MODEL_HELP}")
+    model_type = model_type_of(path)
+    if model_type not in CONFIG_MAPPING and not trust_remote_code:
+        raise ModelLoadError(
+            f"model_dir '{model_dir}' holds model_type '{model_type}', which transformers does not implement; "
+            f"if you trust the code that comes with the model, pass --trust_remote_code=True")
     return path
+
+
+def warn_remote_code(trust_remote_code):
+    if trust_remote_code:
+        print("warning: trust_remote_code=True runs Python code from the model folder; use it only for models "
+              "whose code you trust", file=sys.stderr)
 
 
 def _has_tokenizer(path):
@@ -152,12 +170,12 @@ def _has_tokenizer(path):
     )
 
 
-def load_tokenizer(path, padding_side="left"):
+def load_tokenizer(path, padding_side="left", trust_remote_code=False):
     from transformers import AutoTokenizer
 
     if not _has_tokenizer(path):
         raise ModelLoadError(f"no tokenizer (tokenizer.model or tokenizer.json) in '{path}'")
-    tokenizer = AutoTokenizer.from_pretrained(str(path), padding_side=padding_side)
+    tokenizer = AutoTokenizer.from_pretrained(str(path), padding_side=padding_side, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         # LLaMA ships no pad token. unk keeps EOS unambiguous; padded positions are masked anyway.
         tokenizer.pad_token = tokenizer.unk_token if tokenizer.unk_token is not None else tokenizer.eos_token
@@ -175,7 +193,8 @@ def load_model_and_tokenizer(model_dir, tokenizer_path=None, lora_model=None, dt
     """
     from transformers import AutoModelForCausalLM
 
-    model_path = check_model_dir(model_dir)
+    model_path = check_model_dir(model_dir, trust_remote_code)
+    warn_remote_code(trust_remote_code)
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     if device.type == "cpu" and torch_dtype == torch.float16:
@@ -183,7 +202,7 @@ def load_model_and_tokenizer(model_dir, tokenizer_path=None, lora_model=None, dt
     if tokenizer_path is None:
         tokenizer_path = lora_model if _has_tokenizer(lora_model) else model_path
     if tokenizer is None:
-        tokenizer = load_tokenizer(tokenizer_path)
+        tokenizer = load_tokenizer(tokenizer_path, trust_remote_code=trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(
         str(model_path), dtype=torch_dtype, trust_remote_code=trust_remote_code
     )
@@ -252,15 +271,18 @@ def read_train_args(lora_model):
         train_args = json.loads(args_file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelLoadError(f"{args_file}: not valid JSON ({e}); it is written by training, restore it from there") from None
-    if train_args.get("prompt_id", PROMPT_ID) != PROMPT_ID:
+    style = train_args.get("prompt_style", "alpaca")
+    expected = PROMPT_STYLES.get(style)
+    if expected is None or train_args.get("prompt_id", expected) != expected:
         raise ModelLoadError(
-            f"adapter '{lora_model}' was trained with prompt '{train_args['prompt_id']}', "
-            f"this code builds '{PROMPT_ID}'"
+            f"adapter '{lora_model}' was trained with prompt '{train_args.get('prompt_id')}' (prompt_style "
+            f"'{style}'); this code builds {', '.join(f'{k}: {v}' for k, v in PROMPT_STYLES.items())}"
         )
     return train_args
 
 
-def load_for_inference(lora_model=None, model_dir=None, tokenizer_path=None, dtype="auto", device="auto"):
+def load_for_inference(lora_model=None, model_dir=None, tokenizer_path=None, dtype="auto", device="auto",
+                       trust_remote_code=False):
     """Model, tokenizer and the adapter's training config, from an adapter folder or a bare model.
 
     `model_dir` given explicitly wins over the one recorded in `train_args.json`.
@@ -282,7 +304,8 @@ def load_for_inference(lora_model=None, model_dir=None, tokenizer_path=None, dty
     if not model_dir:
         raise ModelLoadError("no base model: pass --model_dir or --lora_model=<trained adapter folder>")
     model, tokenizer = load_model_and_tokenizer(
-        model_dir, tokenizer_path=tokenizer_path, lora_model=lora_model, dtype=dtype, device=device
+        model_dir, tokenizer_path=tokenizer_path, lora_model=lora_model, dtype=dtype, device=device,
+        trust_remote_code=trust_remote_code,  # never taken from train_args.json: an adapter cannot turn it on
     )
     return model, tokenizer, train_args
 

@@ -21,12 +21,12 @@ from pathlib import Path
 import torch
 
 from config_utils import ConfigError, UserError
-from dataset import (COLUMN_DEFAULTS, DEFAULT_LABEL_NAMES, PROMPT_ID, EncodedDataset, NerCollate, atomic_write_text, columns_of, load_data,
-                     read_data_info)
+from dataset import (COLUMN_DEFAULTS, DEFAULT_LABEL_NAMES, PROMPT_STYLES, EncodedDataset, NerCollate, atomic_write_text,
+                     check_prompt_style, columns_of, load_data, read_data_info)
 from model_utils import TRAIN_ARGS_FILE, check_model_dir, load_model_and_tokenizer, load_tokenizer, resolve_dtype
 
 ADAPTER_DIR = "adapter_model"
-LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ALL_LINEAR = "all-linear"  # PEFT: every nn.Linear except the output layer; the names go into adapter_config.json
 
 TRAIN_DEFAULTS = {
     "data_name": "msra",
@@ -36,9 +36,11 @@ TRAIN_DEFAULTS = {
         "r": 8,  # rank; 8 is the common choice for 7B task tuning
         "alpha": 16,  # scale alpha/r = 2, as in alpaca-lora and most LoRA recipes
         "dropout": 0.05,  # dropout on the LoRA input; 0 makes runs exactly repeatable step by step
-        "target_modules": LLAMA_PROJECTIONS,  # all seven projections, as taishan1994/Chinese-LLaMA-Alpaca-LoRA-Tuning
+        "target_modules": [ALL_LINEAR],  # every linear projection but the output layer (PEFT's all-linear): LLaMA's seven, as the original repository
         "modules_to_save": [],  # e.g. embed_tokens,lm_head to train them fully (the tiny model needs it)
     },
+    "prompt_style": "alpaca",  # alpaca (Chinese-Alpaca), llama2_chat (Chinese-Alpaca-2), chat_template (the tokenizer's)
+    "trust_remote_code": False,  # run code shipped with the model (only for models transformers lacks)
     "max_seq_length": 256,  # tokens; MSRA examples average ~127 with Chinese-LLaMA, 1.5% exceed 192
     **COLUMN_DEFAULTS,
     "train_path": "data/msra/instruct_data/train.txt",  # instruct JSONL (process.py writes it)
@@ -101,8 +103,11 @@ def validate_train_config(cfg):
     training_dtype(cfg)
     if cfg.resume and cfg.resume is not True and not Path(str(cfg.resume)).is_dir():
         raise ConfigError(f"config key 'resume': checkpoint '{cfg.resume}' does not exist")
+    check_prompt_style(cfg.prompt_style)
     if (Path(cfg.model_dir) / "config.json").is_file():  # else prepare_save_dir explains model_dir
-        check_target_modules(linear_module_names(cfg.model_dir), cfg.lora_target_modules)
+        check_model_dir(cfg.model_dir, cfg.trust_remote_code)
+        if list(cfg.lora_target_modules) != [ALL_LINEAR]:
+            check_target_modules(linear_module_names(cfg.model_dir, cfg.trust_remote_code), cfg.lora_target_modules)
 
 
 def check_zero_stage(stage, where="config key 'zero_stage'"):
@@ -202,7 +207,7 @@ def prepare_save_dir(cfg):
             # A fresh run must not resume from, or rotate against, the old run's checkpoints.
             for path in stale:
                 shutil.rmtree(path, ignore_errors=True)
-    check_model_dir(cfg.model_dir)
+    check_model_dir(cfg.model_dir, cfg.trust_remote_code)
 
 
 def global_rank():
@@ -326,16 +331,17 @@ def check_checkpoint_files(ckpt):
 def load_training_tokenizer(cfg):
     """The tokenizer training uses (cfg.tokenizer_path, else model_dir's): loaded before the
     model, so the data can be tokenised and checked before any weights load."""
-    return load_tokenizer(cfg.tokenizer_path or cfg.model_dir)
+    return load_tokenizer(cfg.tokenizer_path or cfg.model_dir, trust_remote_code=cfg.trust_remote_code)
 
 
-def linear_module_names(model_dir):
+def linear_module_names(model_dir, trust_remote_code=False):
     """Names (last part) of the model's linear layers, from its config alone: the model is built on
     the meta device, which allocates no weights, so this takes a moment even for 7B."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(model_dir)))
+        config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
 
 
@@ -356,7 +362,7 @@ def build_model(cfg, tokenizer=None):
     torch_dtype, _ = training_dtype(cfg)
     model, tokenizer = load_model_and_tokenizer(
         cfg.model_dir, tokenizer_path=cfg.tokenizer_path, dtype=torch_dtype, device="cpu", is_trainable=True,
-        tokenizer=tokenizer,
+        tokenizer=tokenizer, trust_remote_code=cfg.trust_remote_code,
     )
     # Training sequences are right-padded (labels line up with positions 0..n-1).
     tokenizer.padding_side = "right"
@@ -365,7 +371,8 @@ def build_model(cfg, tokenizer=None):
     model.config.use_cache = False
     lora_config = LoraConfig(
         r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-        target_modules=list(cfg.lora_target_modules), modules_to_save=list(cfg.lora_modules_to_save) or None,
+        target_modules=ALL_LINEAR if list(cfg.lora_target_modules) == [ALL_LINEAR] else list(cfg.lora_target_modules),
+        modules_to_save=list(cfg.lora_modules_to_save) or None,
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, lora_config)
@@ -395,7 +402,7 @@ def resolved_args(cfg, tokenizer):
     args = cfg.to_dict()
     args.pop("local_rank", None)
     info = read_data_info(cfg.train_path) or {}
-    args.update(vocab_size=len(tokenizer), prompt_id=PROMPT_ID,
+    args.update(vocab_size=len(tokenizer), prompt_id=PROMPT_STYLES[cfg.prompt_style],
                 label_names=info.get("label_names", DEFAULT_LABEL_NAMES), instruct=info.get("instruct", ""))
     return args
 

@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))  # run as `python model_hub/<script>.py`: the proj
 import torch  # noqa: E402
 
 from config_utils import ConfigError, parse_config, require_keys, run_cli  # noqa: E402
+from model_utils import check_model_dir, load_model_and_tokenizer, model_type_of  # noqa: E402
 from model_hub._llama_layout import (  # noqa: E402
     IGNORED_TENSORS, ModelHubError, check_output_dir, copy_tokenizer_files, has_tokenizer,
     hf_to_meta_permute, load_torch_file, meta_ffn_params, prepare_output_dir, read_json,
@@ -74,8 +75,6 @@ class BaseWeights:
     """An HF LLaMA folder's weight files, read one file (and one tensor) at a time."""
 
     def __init__(self, model_dir):
-        from model_utils import check_model_dir
-
         self.dir = check_model_dir(model_dir)
         self.config = read_json(self.dir / "config.json")
         self.files = self._find_files()
@@ -335,15 +334,32 @@ def to_meta(merged, params):
     return out
 
 
+def merge_with_peft(base_model, lora_dirs, out, args):
+    """Other architectures (Qwen, Mistral, ...): PEFT's own merge_and_unload, saved as a Hugging Face
+    folder. The tensor-by-tensor path below knows LLaMA's layout (and Meta's .pth) only."""
+    if args.output_type != "huggingface" or len(lora_dirs) != 1:
+        raise ModelHubError(f"base model '{base_model}' is not a LLaMA model: merge one adapter with "
+                            f"--output_type huggingface (pth output and several LoRAs need LLaMA's layout)")
+    model, tokenizer = load_model_and_tokenizer(base_model, lora_model=lora_dirs[0], dtype="float32", device="cpu")
+    merged = model.merge_and_unload()
+    prepare_output_dir(out, args.overwrite)
+    merged.save_pretrained(str(out), safe_serialization=True)
+    tokenizer.save_pretrained(str(out))
+    print(f"merged {lora_dirs[0]} into {base_model} with PEFT: Hugging Face output in {out}")
+    return out
+
+
 def merge(args):
     lora_dirs = [s.strip() for s in args.lora_model.split(",") if s.strip()]
     if not lora_dirs:
         raise ModelHubError("--lora_model names no folder")
     out = Path(args.output_dir)
     check_output_dir(out, args.overwrite, inputs=[args.base_model or None, *lora_dirs])
-    loras = [LoraAdapter(d) for d in lora_dirs]
     base_model = resolve_base_model(args.base_model, lora_dirs)
     check_output_dir(out, args.overwrite, inputs=[base_model])
+    if model_type_of(check_model_dir(base_model)) != "llama":
+        return merge_with_peft(base_model, lora_dirs, out, args)
+    loras = [LoraAdapter(d) for d in lora_dirs]
     base = BaseWeights(base_model)
     tokenizer_dir = next((Path(d) for d in (lora_dirs[-1], base_model) if has_tokenizer(d)), None)
     if tokenizer_dir is None:
