@@ -36,23 +36,23 @@ from dataset import load_data  # noqa: E402
 DEFAULTS = {
     "model_dir": "",  # "" = a random LLaMA of `shape`, built with tokenizer_dir's tokenizer
     "shape": "bench",  # bench: hidden 512, 4 layers (CPU); 7b: LLaMA-7B with Chinese-Alpaca's 49,954 vocabulary
-    "tokenizer_dir": str(ROOT / "model_hub" / "tiny-llama"),
+    "tokenizer_dir": str(ROOT / "model_hub" / "tiny-llama"),  # tokenizer of the random model (make demo builds it)
     "gradient_checkpointing": False,
-    "skip_eval": False,
+    "skip_eval": False,  # training variants only
     "train_path": str(ROOT / "data" / "msra" / "instruct_data" / "train.txt"),
     "test_path": str(ROOT / "data" / "msra" / "instruct_data" / "test.txt"),
     "train_examples": 2000,  # training examples the samplers draw from
     "train_steps": 100,  # optimizer steps per training variant (quick: 40)
     "train_batch_size": 12,  # the seed's batch size
     "seed_max_length": 192,  # the seed's fixed padding length
-    "eval_examples": 200,
+    "eval_examples": 200,  # MSRA test sentences each generation variant answers
     "eval_batch_size": 32,  # test.py's default batch_size
     "max_new_tokens": 16,  # a random model never stops early: every example generates this many
     "dtype": "auto",
     "quick": False,  # fewer training steps (README: make bench QUICK=1)
-    "output": str(ROOT / "bench" / "results.json"),
-    "markdown": str(ROOT / "BENCHMARKS.md"),
-    "work_dir": str(ROOT / "bench" / "out"),
+    "output": str(ROOT / "bench" / "results.json"),  # every number of the run, as JSON
+    "markdown": str(ROOT / "BENCHMARKS.md"),  # the same as tables
+    "work_dir": str(ROOT / "bench" / "out"),  # the random model and throwaway checkpoints
     "seed": 0,
 }
 
@@ -218,6 +218,7 @@ def run_bare(tcfg, batches):
 
 
 def run_eval(model_dir, records, cfg):
+    from dataset import NerCollate
     from model_utils import load_model_and_tokenizer, ner_generate
 
     model, tokenizer = load_model_and_tokenizer(model_dir, dtype=cfg.dtype)
@@ -226,14 +227,72 @@ def run_eval(model_dir, records, cfg):
                 "batched": dict(batch_size=cfg.eval_batch_size, prefix_cache=False),
                 "prefix_cache": dict(batch_size=cfg.eval_batch_size, prefix_cache=True)}
     ner_generate(model, tokenizer, args, records[:4], max_new_tokens=2)  # warm-up
+    # Useful work per example: every prompt token and max_new_tokens generated ones (a random
+    # model never stops early), whatever a variant skips or repeats to get there.
+    collate = NerCollate(args, tokenizer)
+    prompt_tokens = [len(collate.inference_ids(r, cfg.max_new_tokens, 2048)[0]) for r in records]
+    tokens = sum(prompt_tokens) + cfg.max_new_tokens * len(records)
+    context = sum(prompt_tokens) / len(records) + cfg.max_new_tokens / 2
+    flops = tokens * flops_per_token(model_shape(model_dir), context, training=False)
     results, outputs = {}, {}
     for name, options in variants.items():
         start = time.perf_counter()
         outputs[name], _ = ner_generate(model, tokenizer, args, records, max_new_tokens=cfg.max_new_tokens, **options)
         elapsed = time.perf_counter() - start
-        results[name] = {"seconds": elapsed, "examples_per_second": len(records) / elapsed}
+        results[name] = {"seconds": elapsed, "examples_per_second": len(records) / elapsed,
+                         "model_flops_per_second": flops / elapsed}
     identical = outputs["single"] == outputs["batched"] == outputs["prefix_cache"]
     return results, identical
+
+
+# Dense bf16 peak from the datasheets (FLOP/s), for MFU on GPUs; other devices measure a matmul.
+GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A40": 149.7e12,
+                 "A10": 125e12, "4090": 165.2e12, "V100": 125e12}
+
+
+def peak_flops(dtype):
+    """(FLOP/s, where the number comes from): a GPU's datasheet bf16 peak, else the best of a few
+    large matmuls measured now, in this run, at the benchmark's dtype (nanoGPT's estimate_mfu idea
+    with a measured peak, since CPUs have no datasheet number that holds)."""
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name(0)
+        for key, flops in GPU_PEAK_BF16.items():
+            if key in name:
+                return flops, f"{name} datasheet dense bf16"
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dt = torch.bfloat16 if device == "cuda" else torch.float32
+    n = 2048
+    a, b = torch.randn(n, n, device=device, dtype=dt), torch.randn(n, n, device=device, dtype=dt)
+    best = float("inf")
+    for _ in range(5):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        torch.mm(a, b)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n ** 3 / best, f"measured {n}x{n} {str(dt).replace('torch.', '')} matmul in this run"
+
+
+def model_shape(model_dir):
+    """(matmul weights N, layers L, hidden d), from the config on the meta device (no weights)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    n = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    return n, config.num_hidden_layers, config.hidden_size
+
+
+def flops_per_token(shape, context, training):
+    """Model FLOPs per real token. Forward: 2N for the matmuls plus 4*L*d*T for attention over a
+    T-token context. LoRA training adds the backward pass through the frozen weights (2N, input
+    gradients only; LoRA's own weights are negligible) and twice the attention forward."""
+    n, layers, hidden = shape
+    attention = 4 * layers * hidden * context
+    return (4 * n + 3 * attention) if training else (2 * n + attention)
 
 
 def machine():
@@ -251,7 +310,7 @@ def write_markdown(path, results, command):
         "## Training", "",
         f"{results['train_steps']} optimizer steps of {results['train_batch_size']} MSRA examples each; "
         f"the first {WARMUP_STEPS} are not timed; gradient checkpointing {results['gradient_checkpointing']}.", "",
-        "| variant | examples/s | tokens/s | non-padding tokens | final loss |", "|---|---|---|---|---|",
+        "| variant | examples/s | tokens/s | MFU | non-padding tokens | final loss |", "|---|---|---|---|---|---|",
     ]
     names = {"seed": "(a) seed recipe: pad to 192, random batches", "ours": "(b) train_trainer.py default",
              "bare": "(c) bare PyTorch loop, batches and loss of (b)",
@@ -260,21 +319,27 @@ def write_markdown(path, results, command):
         r = t[key]
         memory = f" (peak {r['peak_memory_gib']:.1f} GiB)" if "peak_memory_gib" in r else ""
         lines.append(f"| {label}{memory} | {r['examples_per_second']:.2f} | {r['tokens_per_second']:.0f} | "
-                     f"{r['non_padding_fraction']:.1%} | {r['final_loss']:.3f} |")
+                     f"{r['mfu']:.1%} | {r['non_padding_fraction']:.1%} | {r['final_loss']:.3f} |")
     lines += ["", f"- train_speedup_vs_seed (b/a): **{results['train_speedup_vs_seed']:.2f}**",
               f"- train_efficiency_vs_bare (b/c): **{results['train_efficiency_vs_bare']:.2f}**",
               f"- train_speedup_prefix (b/b'): **{results['train_speedup_prefix']:.2f}** (the same batches; "
               f"the shared prompt prefix runs once per batch instead of once per example)", "",
               "## Evaluation", "",
               f"{results['eval_examples']} MSRA test sentences, {results['max_new_tokens']} new tokens each (greedy).", "",
-              "| variant | examples/s |", "|---|---|"]
+              "| variant | examples/s | MFU |", "|---|---|---|"]
     enames = {"single": "(a) one example at a time", "batched": "(b) batched generation",
               "prefix_cache": "(c) batched + shared-prefix KV cache"}
     for key, label in enames.items():
-        lines.append(f"| {label} | {e[key]['examples_per_second']:.2f} |")
+        lines.append(f"| {label} | {e[key]['examples_per_second']:.2f} | {e[key].get('mfu', float('nan')):.1%} |")
     lines += ["", f"- eval_speedup_vs_single (b/a): **{results['eval_speedup_vs_single']:.2f}**",
               f"- eval_speedup_prefix_cache (c/b): **{results['eval_speedup_prefix_cache']:.2f}**",
-              f"- outputs identical across the three: **{results['eval_outputs_identical']}**", ""]
+              f"- outputs identical across the three: **{results['eval_outputs_identical']}**", "",
+              "## Model FLOPs utilisation", "",
+              f"MFU = model FLOPs per second over the peak: {results['peak_flops'] / 1e12:.3g} TFLOP/s "
+              f"({results['peak_source']}). Model FLOPs count useful work only: real (non-padding) tokens, "
+              "2N per token forward for the N matmul weights plus attention over the context, and for LoRA "
+              "training the backward pass through the frozen weights (4N in all), as nanoGPT's estimate_mfu "
+              "does for full training (6N). Padding, repeated prefixes and Python overhead lower MFU.", ""]
     Path(path).write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
@@ -303,11 +368,20 @@ def main(argv=None):
     train["no_prefix"], _ = run_trainer(plain_cfg)
     train["bare"] = run_bare(ours_cfg, counting.batches[:cfg.steps])
 
+    peak, peak_source = peak_flops(cfg.dtype)
+    shape = model_shape(model_dir)
+    for stats in train.values():
+        # tokens_per_second counts real tokens; the context is the mean real length of an example.
+        context = stats["tokens_per_second"] / stats["examples_per_second"]
+        stats["mfu"] = stats["tokens_per_second"] * flops_per_token(shape, context, training=True) / peak
+
     records = load_data(cfg.test_path)[:cfg.eval_examples]
     if cfg.skip_eval:
         evals, identical = {k: {"examples_per_second": float("nan")} for k in ("single", "batched", "prefix_cache")}, None
     else:
         evals, identical = run_eval(model_dir, records, cfg)
+        for stats in evals.values():
+            stats["mfu"] = stats["model_flops_per_second"] / peak
 
     results = {
         "machine": machine(), "date": time.strftime("%Y-%m-%d"), "model": model_desc,
@@ -321,13 +395,17 @@ def main(argv=None):
         "eval_speedup_vs_single": evals["batched"]["examples_per_second"] / evals["single"]["examples_per_second"],
         "eval_speedup_prefix_cache": evals["prefix_cache"]["examples_per_second"] / evals["batched"]["examples_per_second"],
         "eval_outputs_identical": identical,
+        "peak_flops": peak, "peak_source": peak_source,
+        "mfu": {**{f"train_{k}": v["mfu"] for k, v in train.items()},
+                **{f"eval_{k}": v.get("mfu") for k, v in evals.items()}},
     }
     Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)
     Path(cfg.output).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     given = list(sys.argv[1:] if argv is None else argv)
     command = " ".join(["python bench/bench.py", *given])
     write_markdown(cfg.markdown, results, command)
-    print(json.dumps({k: v for k, v in results.items() if k.startswith(("train_s", "train_e", "eval_"))}, indent=2))
+    print(json.dumps({k: v for k, v in results.items() if k.startswith(("train_s", "train_e", "eval_", "mfu", "peak"))},
+                     indent=2))
     print(f"wrote {cfg.output} and {cfg.markdown}")
     return results
 

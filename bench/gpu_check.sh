@@ -2,7 +2,9 @@
 # The prepared GPU check: LoRA training at LLaMA-7B's shape (vocabulary 49,954) in bf16 on MSRA,
 # 100 optimizer steps at the default batch size, with and without gradient checkpointing
 # (tokens/s and peak GPU memory), plus the evaluation benchmark at that size. Random weights cost
-# the same compute as real ones. Expected under 8 minutes on one H100; run after `make venv`.
+# the same compute as real ones. Each run prints its ratios and every variant's model FLOPs
+# utilisation (MFU against the GPU's datasheet bf16 peak). Expected under 8 minutes on one H100;
+# run after `make venv`.
 #   bash bench/gpu_check.sh            results in bench/out/{results_gpu*.json,BENCHMARKS_gpu*.md}
 set -euo pipefail
 cd "$(dirname "$0")/.."
