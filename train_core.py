@@ -502,10 +502,10 @@ def lr_schedule(cfg, total_steps):
     return build
 
 
-MIN_SHARED_TOKENS = 16  # below this, a separate prefix pass costs more than it saves
+MIN_LOSS_FREE_PREFIX = 16  # below this, a separate prefix pass costs more than it saves
 
 
-def shared_prefix_length(batch):
+def loss_free_prefix_length(batch):
     """Leading tokens every row of a right-padded batch shares and that carry no loss.
 
     Every MSRA example starts with BOS + template + instruction (~70% of its tokens). Positions
@@ -519,7 +519,7 @@ def shared_prefix_length(batch):
     trained = (labels != -100).any(dim=0).nonzero()
     if len(trained):
         n = min(n, int(trained[0]) - 1)  # the token before the first target stays with its row
-    return n if n >= MIN_SHARED_TOKENS else 0
+    return n if n >= MIN_LOSS_FREE_PREFIX else 0
 
 
 def batch_loss(model, batch, cfg, num_items_in_batch=None):
@@ -540,7 +540,7 @@ def shared_prefix_loss(model, batch, num_items_in_batch=None):
     share one dropout mask on the prefix: the expected gradient is unchanged, its noise is
     correlated across the rows of a batch.
     """
-    n = shared_prefix_length(batch)
+    n = loss_free_prefix_length(batch)
     kwargs = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
     if n == 0:
         return model(**batch, **kwargs).loss

@@ -232,7 +232,7 @@ def test_mpirun_launches_train_deepspeed(tmp_path, tiny_model, train16):
 def test_shared_prefix_loss_and_gradients_equal_the_plain_forward(tiny_model, train16):
     from config_utils import parse_config
     from train_core import (TRAIN_DEFAULTS, build_datasets, build_model, load_datasets_checked,
-                            shared_prefix_length, shared_prefix_loss)
+                            loss_free_prefix_length, shared_prefix_loss)
 
     cfg = parse_config(TRAIN_DEFAULTS, {"model_dir": str(tiny_model), "train_path": str(train16), "dev_path": "",
                                         "lora_dropout": 0.0, "lora_modules_to_save": "embed_tokens,lm_head"})
@@ -246,7 +246,7 @@ def test_shared_prefix_loss_and_gradients_equal_the_plain_forward(tiny_model, tr
     # The shared part is BOS + template + instruction: count it from the rows themselves.
     rows = batch["input_ids"].tolist()
     common = next(i for i in range(len(rows[0])) if len({r[i] for r in rows}) > 1)
-    assert shared_prefix_length(batch) == common > 16
+    assert loss_free_prefix_length(batch) == common > 16
     model.train()
 
     def loss_and_grads(loss_fn):
