@@ -27,7 +27,7 @@ BANNER = """+ 该模式下仅支持单轮问答，无多轮对话能力。空行
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--base_model", default=None, help="base model dir (default: the adapter's train_args.json)")
-    p.add_argument("--lora_model", default=None, help="trained adapter folder (optional)")
+    p.add_argument("--lora_model", default=None, help="trained adapter folder, or the model folder of a full fine-tune (optional)")
     p.add_argument("--tokenizer_path", default=None, help="default: the adapter's, else the base model's")
     p.add_argument("--with_prompt", action="store_true", help="wrap inputs in the training prompt template")
     p.add_argument("--interactive", action="store_true", help="read inputs from the terminal")

@@ -1,4 +1,4 @@
-"""LoRA-tune a LLaMA model for NER with a native DeepSpeed engine loop.
+"""LoRA-tune (or, with --finetuning=full, fully fine-tune) a LLaMA model for NER with a native DeepSpeed engine loop.
 
     python train_deepspeed.py --model_dir=model_hub/tiny-llama --max_steps=20
     deepspeed --num_gpus 2 train_deepspeed.py
@@ -20,8 +20,8 @@ import torch
 from config_utils import ConfigError, parse_config, run_cli
 from dataset import length_grouped_indices
 from train_core import (
-    ADAPTER_DIR, TRAIN_DEFAULTS, batch_loss, build_datasets, build_model, export_adapter, load_datasets_checked,
-    lr_schedule, plot_loss_curve, prepare_save_dir, report_engine, resolve_resume, start_run,
+    TRAIN_DEFAULTS, batch_loss, build_datasets, build_model, export_trained, load_datasets_checked,
+    lr_schedule, output_dir, plot_loss_curve, prepare_save_dir, report_engine, resolve_resume, start_run,
     training_dtype, write_json,
 )
 
@@ -30,7 +30,7 @@ CHECKPOINTS = "checkpoints"  # engine checkpoints live in <save_dir>/checkpoints
 DEFAULTS = {
     **TRAIN_DEFAULTS,
     "save_dir": "./checkpoint/msra/train_deepspeed/",
-    "zero_stage": 1,  # 0, 1 or 2: LoRA's optimizer state is small, 1 is enough for 7B
+    "zero_stage": 1,  # 0, 1 or 2: LoRA's optimizer state is small, 1 is enough for 7B (3 would partition weights)
     "offload_optimizer": False,  # keep Adam state in CPU memory (the seed's setting); slower
 }
 
@@ -40,7 +40,7 @@ def deepspeed_config(cfg, world_size):
     _, mixed = training_dtype(cfg)
     if cfg.zero_stage not in (0, 1, 2):
         raise ConfigError(
-            "config key 'zero_stage': use 0, 1 or 2 (stage 3 partitions the weights the adapter export reads)"
+            "config key 'zero_stage': use 0, 1 or 2 (stage 3 partitions the weights the export reads)"
         )
     zero = {"stage": cfg.zero_stage}
     if cfg.offload_optimizer:
@@ -117,7 +117,8 @@ def _rng_file(ckpt, rank):
 def save_checkpoint(engine, cfg, step, log_history, rank):
     root = Path(cfg.save_dir) / CHECKPOINTS
     tag = f"global_step{step}"
-    # Frozen base weights are excluded: a checkpoint holds the adapter, optimizer and scheduler.
+    # Frozen base weights are excluded: a checkpoint holds the adapter, optimizer and scheduler
+    # (finetuning=full: nothing is frozen, so it holds the whole model).
     # The RNG file first: DeepSpeed's `latest` (written by save_checkpoint) then marks a
     # checkpoint that is complete with it.
     (root / tag).mkdir(parents=True, exist_ok=True)
@@ -237,18 +238,18 @@ def main(argv=None):
             if step % cfg.save_steps == 0 or step == total_steps:
                 save_checkpoint(engine, cfg, step, log_history, rank)
                 if rank == 0:
-                    export_adapter(engine.module, tokenizer, cfg)
+                    export_trained(engine.module, tokenizer, cfg)  # stages 0-2: weights are whole, no gather
             if step >= total_steps:
                 break
     bar.close()
     if rank == 0:
-        out = Path(cfg.save_dir) / ADAPTER_DIR
+        out = output_dir(cfg)
         write_json(out / "log_history.json", log_history)
         plot_loss_curve(log_history, out / "loss_curve.png")
         writer.close()
-        print(f"adapter written to {out}")
+        print(f"{'model' if cfg.finetuning == 'full' else 'adapter'} written to {out}")
     torch.distributed.barrier()
-    return os.path.join(cfg.save_dir, ADAPTER_DIR)
+    return str(output_dir(cfg))
 
 
 if __name__ == "__main__":

@@ -38,6 +38,15 @@ def as_argv(options):
     return [f"--{k}={v}" for k, v in options.items()]
 
 
+def free_port():
+    """A TCP port nobody listens on now (the OS picks it), for a launcher's --master_port."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run_cmd(args, timeout=900, check=True, env_extra=None, **kwargs):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", **(env_extra or {})}
     proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, **kwargs)
