@@ -25,7 +25,7 @@ BANNER = """+ 该模式下仅支持单轮问答，无多轮对话能力。空行
 
 DEFAULTS = {
     "base_model": "",  # base model folder; "" = model_dir in the adapter's train_args.json
-    "lora_model": "",  # trained adapter folder (optional)
+    "lora_model": "",  # trained adapter folder, or the model folder of a full fine-tune (optional)
     "tokenizer_path": "",  # "" = the adapter's tokenizer, else the base model's
     "with_prompt": False,  # wrap inputs in the training prompt (NER inputs: <instruction>文本：<sentence>)
     "prompt_style": "",  # "" = the adapter's (train_args.json), else alpaca; or llama2_chat, chat_template

@@ -3,7 +3,9 @@
 `load_model_and_tokenizer` opens a LLaMA directory (the merged Chinese-Alpaca-7B or the tiny
 test model alike), fixes the tokenizer's pad token, resizes embeddings to the tokenizer and
 optionally applies a LoRA adapter. `load_for_inference` does the same starting from a trained
-adapter folder, reading the base model path from its `train_args.json`. `generate` is batched
+adapter folder, reading the base model path from its `train_args.json`, or from a fully
+fine-tuned model folder (`<save_dir>/model`: config.json and train_args.json, no adapter), which
+is then the model itself. `generate` is batched
 greedy (or sampled) generation with left padding and the KV cache.
 """
 import json
@@ -29,7 +31,7 @@ class ModelLoadError(UserError):
 
 # Config keys shared by test.py and predict.py.
 INFER_DEFAULTS = {
-    "lora_model": "./checkpoint/msra/train_trainer/adapter_model",  # trained adapter folder
+    "lora_model": "./checkpoint/msra/train_trainer/adapter_model",  # trained adapter folder, or <save_dir>/model of a full fine-tune
     "no_adapter": False,  # True: evaluate the base model alone (needs model_dir)
     "model_dir": None,  # None: the base model recorded in the adapter's train_args.json
     "tokenizer_path": None,  # None: the adapter's tokenizer, else model_dir's
@@ -260,6 +262,12 @@ def apply_adapter(model, lora_model, is_trainable=False):
         ) from None
 
 
+def is_full_model(folder):
+    """A fully fine-tuned model folder: a HF model directory (config.json) without an adapter."""
+    path = Path(folder)
+    return (path / "config.json").is_file() and not (path / "adapter_config.json").is_file()
+
+
 def read_train_args(lora_model):
     path = Path(lora_model)
     if not path.is_dir():
@@ -283,11 +291,23 @@ def read_train_args(lora_model):
 
 def load_for_inference(lora_model=None, model_dir=None, tokenizer_path=None, dtype="auto", device="auto",
                        trust_remote_code=False):
-    """Model, tokenizer and the adapter's training config, from an adapter folder or a bare model.
+    """Model, tokenizer and the training config, from an adapter folder, a fully fine-tuned
+    model folder (`lora_model=<save_dir>/model`) or a bare model.
 
-    `model_dir` given explicitly wins over the one recorded in `train_args.json`.
+    `model_dir` given explicitly wins over the one recorded in `train_args.json` (for an
+    adapter; a fully fine-tuned folder is its own model and takes no other).
     """
     train_args = {}
+    if lora_model and is_full_model(lora_model):
+        if model_dir and Path(model_dir).resolve() != Path(lora_model).resolve():
+            raise ModelLoadError(
+                f"'{lora_model}' is a fully fine-tuned model, not an adapter: it needs no base model "
+                f"(drop model_dir '{model_dir}')"
+            )
+        train_args = read_train_args(lora_model) or {}
+        model, tokenizer = load_model_and_tokenizer(lora_model, tokenizer_path=tokenizer_path, dtype=dtype,
+                                                    device=device, trust_remote_code=trust_remote_code)
+        return model, tokenizer, train_args
     if lora_model:
         train_args = read_train_args(lora_model)
         if train_args is None:

@@ -1,4 +1,4 @@
-"""Entities for given texts, with a trained adapter.
+"""Entities for given texts, with a trained adapter (or a fully fine-tuned model folder, <save_dir>/model).
 
     python predict.py --text="去年，我们又被评为“北京市首届家庭藏书状元明星户”。"
     python predict.py --input_file=sentences.txt           # one text per line

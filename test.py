@@ -1,8 +1,9 @@
-"""Evaluate a trained adapter: batched greedy generation on the test split, entity-level P/R/F1.
+"""Evaluate a trained adapter or fully fine-tuned model: batched greedy generation, entity-level P/R/F1.
 
     python test.py                                   # the Trainer's adapter on MSRA test
     python test.py --lora_model=checkpoint/msra/train_deepspeed/adapter_model --limit=200
     python test.py --no_adapter=True --model_dir=model_hub/chinese-alpaca-7b
+    python test.py --lora_model=checkpoint/msra/demo/model      # a --finetuning=full run (make demo)
 
 The base model, columns, label set and max length come from the adapter's train_args.json.
 Writes predictions.jsonl (text, answer, output, entities), metrics.json and report.html to

@@ -2,8 +2,9 @@
 
 Both launchers take the same config dict (TRAIN_DEFAULTS plus a few keys of their own) and
 call the same builders: data is read and checked first (a bad line must not cost minutes of
-loading 7B weights), then the base model through the one loader, LoRA through PEFT, the
-tokenised datasets and the collator. Adapters are exported by one function, atomically.
+loading 7B weights), then the base model through the one loader, LoRA through PEFT (or no
+wrapper at all with finetuning=full), the tokenised datasets and the collator. The trained
+result (an adapter, or the whole model) is exported by one function, atomically.
 """
 import fcntl
 import json
@@ -25,13 +26,16 @@ from dataset import (COLUMN_DEFAULTS, DEFAULT_LABEL_NAMES, PROMPT_STYLES, Encode
                      check_prompt_style, columns_of, load_data, read_data_info)
 from model_utils import TRAIN_ARGS_FILE, check_model_dir, load_model_and_tokenizer, load_tokenizer, resolve_dtype
 
-ADAPTER_DIR = "adapter_model"
+ADAPTER_DIR = "adapter_model"  # finetuning=lora: <save_dir>/adapter_model/ (adapter + tokenizer + train_args.json)
+MODEL_DIR = "model"  # finetuning=full: <save_dir>/model/ (whole model, loadable wherever an adapter folder is)
+FINETUNING = ("lora", "full")
 ALL_LINEAR = "all-linear"  # PEFT: every nn.Linear except the output layer; the names go into adapter_config.json
 
 TRAIN_DEFAULTS = {
     "data_name": "msra",
     "model_dir": "./model_hub/chinese-alpaca-7b",  # merged Chinese-Alpaca-7B (README: model steps)
     "tokenizer_path": None,  # None: the tokenizer in model_dir
+    "finetuning": "lora",  # lora: adapter on a frozen base (7B); full: every weight trained (small models, the demo)
     "lora": {
         "r": 8,  # rank; 8 is the common choice for 7B task tuning
         "alpha": 16,  # scale alpha/r = 2, as in alpaca-lora and most LoRA recipes
@@ -104,9 +108,10 @@ def validate_train_config(cfg):
     if cfg.resume and cfg.resume is not True and not Path(str(cfg.resume)).is_dir():
         raise ConfigError(f"config key 'resume': checkpoint '{cfg.resume}' does not exist")
     check_prompt_style(cfg.prompt_style)
+    output_dir(cfg)  # finetuning is lora or full
     if (Path(cfg.model_dir) / "config.json").is_file():  # else prepare_save_dir explains model_dir
         check_model_dir(cfg.model_dir, cfg.trust_remote_code)
-        if list(cfg.lora_target_modules) != [ALL_LINEAR]:
+        if cfg.finetuning == "lora" and list(cfg.lora_target_modules) != [ALL_LINEAR]:
             check_target_modules(linear_module_names(cfg.model_dir, cfg.trust_remote_code), cfg.lora_target_modules)
 
 
@@ -160,8 +165,16 @@ def training_dtype(cfg):
     return torch_dtype, {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(torch_dtype)
 
 
+def output_dir(cfg):
+    """Where the trained result goes: <save_dir>/adapter_model (lora) or <save_dir>/model (full)."""
+    if cfg.finetuning not in FINETUNING:
+        raise ConfigError(f"config key 'finetuning': {cfg.finetuning!r} is not one of {', '.join(FINETUNING)}")
+    return Path(cfg.save_dir) / (MODEL_DIR if cfg.finetuning == "full" else ADAPTER_DIR)
+
+
 def load_datasets_checked(cfg):
-    """Read and validate train/dev JSONL before anything heavy happens."""
+    """Check the config's choices, then read and validate train/dev JSONL before anything heavy happens."""
+    output_dir(cfg)
     columns = columns_of(cfg)
     train = load_data(cfg.train_path, columns)
     dev = load_data(cfg.dev_path, columns) if cfg.dev_path else []
@@ -173,7 +186,9 @@ def load_datasets_checked(cfg):
 
 
 def _finished_adapter(save_dir):
-    return (Path(save_dir) / ADAPTER_DIR / "adapter_config.json").is_file()
+    """A finished adapter or full model (the export's last step renames it into place)."""
+    save_dir = Path(save_dir)
+    return (save_dir / ADAPTER_DIR / "adapter_config.json").is_file() or (save_dir / MODEL_DIR / "config.json").is_file()
 
 
 def prepare_save_dir(cfg):
@@ -183,8 +198,8 @@ def prepare_save_dir(cfg):
     """
     save_dir = Path(cfg.save_dir)
     if global_rank() == 0:
-        # Temporary exports of an interrupted run (see export_adapter) are never resumed from.
-        for leftover in save_dir.glob(f".{ADAPTER_DIR}-*"):
+        # Temporary exports of an interrupted run (see export_trained) are never resumed from.
+        for leftover in [*save_dir.glob(f".{ADAPTER_DIR}-*"), *save_dir.glob(f".{MODEL_DIR}-*")]:
             shutil.rmtree(leftover, ignore_errors=True)
     recorded = save_dir / TRAIN_ARGS_FILE
     if cfg.resume:
@@ -198,7 +213,8 @@ def prepare_save_dir(cfg):
     else:
         stale = sorted(save_dir.glob("checkpoint-*")) + sorted(save_dir.glob("checkpoints"))
         if (_finished_adapter(save_dir) or stale) and not cfg.overwrite:
-            what = "a finished adapter" if _finished_adapter(save_dir) else "checkpoints of an earlier run"
+            what = ("checkpoints of an earlier run" if not _finished_adapter(save_dir) else
+                    "a finished model" if (save_dir / MODEL_DIR / "config.json").is_file() else "a finished adapter")
             raise UserError(
                 f"save_dir '{save_dir}' already holds {what}; pass --overwrite=True to start over "
                 f"(its checkpoints are removed) or --resume=True to continue its run"
@@ -354,7 +370,8 @@ def check_target_modules(linear, names):
 
 
 def build_model(cfg, tokenizer=None):
-    """Base model through the one loader, LoRA on top; trainable weights kept in fp32."""
+    """Base model through the one loader, LoRA on top (finetuning=full: no wrapper, every weight
+    trained); trainable weights kept in fp32."""
     from peft import LoraConfig, get_peft_model
     from transformers import set_seed
 
@@ -369,6 +386,10 @@ def build_model(cfg, tokenizer=None):
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
+    if cfg.finetuning == "full":
+        model.requires_grad_(True)
+        model.float()  # every weight is trained: master weights in fp32 (see below)
+        return model, tokenizer
     lora_config = LoraConfig(
         r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
         target_modules=ALL_LINEAR if list(cfg.lora_target_modules) == [ALL_LINEAR] else list(cfg.lora_target_modules),
@@ -411,7 +432,10 @@ def start_run(cfg, model, tokenizer, train_set, dev_set, collate):
     """Main process only: record the resolved config in save_dir and say what will be trained."""
     os.makedirs(cfg.save_dir, exist_ok=True)
     write_json(os.path.join(cfg.save_dir, TRAIN_ARGS_FILE), resolved_args(cfg, tokenizer))
-    model.print_trainable_parameters()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    print(f"finetuning={cfg.finetuning}: trainable params {trainable:,} of {total:,} "
+          f"({100 * trainable / total:.2f}%)", flush=True)
     print(f"train {len(train_set)} examples, dev {len(dev_set) if dev_set else 0}; "
           f"{collate.truncated} queries shortened and {train_set.skipped} examples left out "
           f"(answer alone too long) to fit max_seq_length={cfg.max_seq_length}", flush=True)
@@ -421,17 +445,26 @@ def write_json(path, data):
     atomic_write_text(path, json.dumps(data, ensure_ascii=False, indent=2) + "\n")
 
 
-def export_adapter(model, tokenizer, cfg, out_dir=None, extra_files=()):
-    """Write adapter + tokenizer + train_args.json to `<save_dir>/adapter_model` atomically.
+def export_trained(model, tokenizer, cfg, out_dir=None, extra_files=()):
+    """Write what training produced + tokenizer + train_args.json atomically.
 
+    A PEFT model writes its adapter (`<save_dir>/adapter_model`); a fully fine-tuned one the
+    whole model, config and generation config (`<save_dir>/model`), both as safetensors.
     Everything goes to a temporary folder beside the target, which then replaces it with a
-    rename: an interrupted export leaves the previous adapter intact, never a half-written one.
+    rename: an interrupted export leaves the previous one intact, never a half-written one.
+    Under DeepSpeed the caller passes engine.module: ZeRO stages 0-2 (the only ones these
+    trainers accept) keep every weight whole on every rank, so no gathering is needed.
     """
-    out_dir = Path(out_dir or Path(cfg.save_dir) / ADAPTER_DIR)
+    out_dir = Path(out_dir or output_dir(cfg))
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     try:
-        model.save_pretrained(str(tmp), safe_serialization=True)
+        use_cache = model.config.use_cache
+        model.config.use_cache = True  # training turns the KV cache off; the saved config is for inference
+        try:
+            model.save_pretrained(str(tmp), safe_serialization=True)
+        finally:
+            model.config.use_cache = use_cache
         tokenizer.save_pretrained(str(tmp))
         write_json(tmp / TRAIN_ARGS_FILE, resolved_args(cfg, tokenizer))
         for f in extra_files:
@@ -440,7 +473,7 @@ def export_adapter(model, tokenizer, cfg, out_dir=None, extra_files=()):
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}-old-{os.getpid()}")
             os.replace(out_dir, old)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the adapter is meant to be shared
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result is meant to be shared
         os.replace(tmp, out_dir)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
@@ -535,18 +568,36 @@ def shared_prefix_loss(model, batch, num_items_in_batch=None):
 
     The prefix's keys and values are computed for one row and repeated for the batch (the
     repeat is differentiable, so their gradients add up as in a full batch); the rows then run
-    only their own tokens on top. Without LoRA dropout the loss and gradients equal the plain
-    forward's up to float rounding (tests/test_training.py checks both). With dropout the rows
-    share one dropout mask on the prefix: the expected gradient is unchanged, its noise is
-    correlated across the rows of a batch.
+    only their own tokens on top, and the output layer runs only where a target is trained
+    (answer_loss). Without LoRA dropout the loss and gradients equal the plain forward's up to
+    float rounding (tests/test_training.py checks both). With dropout the rows share one
+    dropout mask on the prefix: the expected gradient is unchanged, its noise is correlated
+    across the rows of a batch.
     """
     n = loss_free_prefix_length(batch)
-    kwargs = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
     if n == 0:
-        return model(**batch, **kwargs).loss
+        return answer_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"], num_items_in_batch)
     ids = batch["input_ids"]
     cache = model(input_ids=ids[:1, :n], use_cache=True, logits_to_keep=1).cache  # its logits carry no loss
     cache.batch_repeat_interleave(ids.shape[0])
-    out = model(input_ids=ids[:, n:], attention_mask=batch["attention_mask"], labels=batch["labels"][:, n:],
-                cache=cache, use_cache=True, **kwargs)
-    return out.loss
+    return answer_loss(model, ids[:, n:], batch["attention_mask"], batch["labels"][:, n:], num_items_in_batch,
+                       cache=cache, use_cache=True)
+
+
+def answer_loss(model, input_ids, attention_mask, labels, num_items_in_batch=None, **forward):
+    """Causal-LM cross-entropy (as transformers' ForCausalLMLoss) with logits computed only at
+    positions whose next token is a target: the answer, ~10 of a row's ~60 own tokens on MSRA.
+
+    The output layer is vocabulary x hidden: on the demo's small model it is over half of the
+    per-token work, and on 7B the full logits are the largest activation of a step.
+    """
+    targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)  # position p predicts token p + 1
+    keep = targets != -100
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep, **forward).logits
+    logits = logits.reshape(-1, logits.shape[-1]).float()  # (trained positions, vocabulary), row-major as keep
+    if num_items_in_batch is None:
+        return torch.nn.functional.cross_entropy(logits, targets[keep])
+    loss = torch.nn.functional.cross_entropy(logits, targets[keep], reduction="sum")
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(loss.device)
+    return loss / num_items_in_batch

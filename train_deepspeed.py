@@ -1,4 +1,4 @@
-"""LoRA-tune a LLaMA model for NER with a native DeepSpeed engine loop.
+"""LoRA-tune (or, with --finetuning=full, fully fine-tune) a LLaMA model for NER with a native DeepSpeed engine loop.
 
     python train_deepspeed.py --model_dir=model_hub/tiny-llama --max_steps=20
     deepspeed --num_gpus 2 train_deepspeed.py
@@ -21,8 +21,8 @@ import torch
 from config_utils import ConfigError, parse_config, run_cli
 from dataset import length_grouped_indices
 from train_core import (
-    ADAPTER_DIR, TRAIN_DEFAULTS, batch_loss, build_datasets, build_model, check_zero_stage, export_adapter,
-    load_checkpoint_file, load_datasets_checked, load_training_tokenizer, lr_schedule, plot_loss_curve,
+    TRAIN_DEFAULTS, batch_loss, build_datasets, build_model, check_zero_stage, export_trained,
+    load_checkpoint_file, load_datasets_checked, load_training_tokenizer, lr_schedule, output_dir, plot_loss_curve,
     prepare_save_dir, report_engine, resolve_resume, save_dir_lock, start_run, training_dtype,
     validate_train_config, write_json,
 )
@@ -31,8 +31,8 @@ CHECKPOINTS = "checkpoints"  # engine checkpoints live in <save_dir>/checkpoints
 
 DEFAULTS = {
     **TRAIN_DEFAULTS,
-    "save_dir": "./checkpoint/msra/train_deepspeed/",  # engine checkpoints, train_args.json and the final adapter_model/
-    "zero_stage": 1,  # 0, 1 or 2: LoRA's optimizer state is small, 1 is enough for 7B
+    "save_dir": "./checkpoint/msra/train_deepspeed/",  # engine checkpoints, train_args.json and the final adapter_model/ (or model/)
+    "zero_stage": 1,  # 0, 1 or 2: LoRA's optimizer state is small, 1 is enough for 7B (3 would partition weights)
     "offload_optimizer": False,  # keep Adam state in CPU memory (the original repository's setting); slower
 }
 
@@ -116,7 +116,8 @@ def _rng_file(ckpt, rank):
 def save_checkpoint(engine, tokenizer, cfg, step, log_history, rank):
     root = Path(cfg.save_dir) / CHECKPOINTS
     tag = f"global_step{step}"
-    # Frozen base weights are excluded: a checkpoint holds the adapter, optimizer and scheduler.
+    # Frozen base weights are excluded: a checkpoint holds the adapter, optimizer and scheduler
+    # (finetuning=full: nothing is frozen, so it holds the whole model).
     # The RNG file first: DeepSpeed's `latest` (written by save_checkpoint) then marks a
     # checkpoint that is complete with it.
     (root / tag).mkdir(parents=True, exist_ok=True)
@@ -126,9 +127,9 @@ def save_checkpoint(engine, tokenizer, cfg, step, log_history, rank):
     engine.save_checkpoint(str(root), tag=tag, client_state={"step": step, "log_history": log_history},
                            exclude_frozen_parameters=True)
     if rank == 0:
-        # The adapter as of this step, for evaluating a run in progress. It stays inside its
-        # checkpoint: <save_dir>/adapter_model/ appears only when training has finished.
-        export_adapter(engine.module, tokenizer, cfg, out_dir=root / tag / ADAPTER_DIR)
+        # The adapter (or model) as of this step, for evaluating a run in progress. It stays inside
+        # its checkpoint: <save_dir>/adapter_model/ (or model/) appears only when training has finished.
+        export_trained(engine.module, tokenizer, cfg, out_dir=root / tag / output_dir(cfg).name)
     torch.distributed.barrier()
     if rank == 0 and cfg.save_total_limit > 0:
         done = sorted((int(p.name[len("global_step"):]), p) for p in root.glob("global_step*") if p.is_dir())
@@ -286,13 +287,13 @@ def train(cfg, train_records, dev_records):
                 break
     bar.close()
     if rank == 0:
-        out = export_adapter(engine.module, tokenizer, cfg)
+        out = export_trained(engine.module, tokenizer, cfg)  # stages 0-2: weights are whole, no gather
         write_json(out / "log_history.json", log_history)
         plot_loss_curve(log_history, out / "loss_curve.png")
         writer.close()
-        print(f"adapter written to {out}")
+        print(f"{'model' if cfg.finetuning == 'full' else 'adapter'} written to {out}")
     torch.distributed.barrier()
-    return os.path.join(cfg.save_dir, ADAPTER_DIR)
+    return str(output_dir(cfg))
 
 
 if __name__ == "__main__":

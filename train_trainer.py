@@ -1,4 +1,4 @@
-"""LoRA-tune a LLaMA model for NER with the HF Trainer (optionally under DeepSpeed).
+"""LoRA-tune (or fully fine-tune) a LLaMA model for NER with the HF Trainer (optionally under DeepSpeed).
 
     python train_trainer.py --model_dir=model_hub/tiny-llama --max_steps=20
     deepspeed train_trainer.py                      # uses deepspeed.json ("auto" values)
@@ -7,7 +7,8 @@
 Every hyperparameter comes from the config dict below (override with --key=value);
 deepspeed.json only says how DeepSpeed shards and offloads. Checkpoints under save_dir hold
 the adapter, optimizer, scheduler and RNG state, never the base weights; the final adapter
-goes to <save_dir>/adapter_model/.
+goes to <save_dir>/adapter_model/. With --finetuning=full every weight is trained, checkpoints
+hold the whole model, and the final model goes to <save_dir>/model/.
 """
 import json
 import os
@@ -17,9 +18,9 @@ import torch
 
 from config_utils import ConfigError, parse_config, run_cli
 from train_core import (
-    ADAPTER_DIR, TRAIN_DEFAULTS, batch_loss, build_datasets, build_model, check_zero_stage, export_adapter,
-    latest_trainer_checkpoint, load_datasets_checked, load_training_tokenizer, plot_loss_curve, prepare_save_dir,
-    report_engine, resolve_resume, save_dir_lock, start_run, training_dtype, validate_train_config,
+    TRAIN_DEFAULTS, batch_loss, build_datasets, build_model, check_zero_stage, export_trained,
+    latest_trainer_checkpoint, load_datasets_checked, load_training_tokenizer, output_dir, plot_loss_curve,
+    prepare_save_dir, report_engine, resolve_resume, save_dir_lock, start_run, training_dtype, validate_train_config,
     verify_deepspeed_checkpoint, write_json,
 )
 
@@ -137,12 +138,12 @@ def train(cfg, train_records, dev_records):
     if trainer.is_world_process_zero():
         if trainer.is_deepspeed_enabled:
             report_engine(trainer.model_wrapped)
-        out = export_adapter(trainer.model, tokenizer, cfg)
+        out = export_trained(trainer.model, tokenizer, cfg)
         write_json(out / "log_history.json", trainer.state.log_history)
         plot_loss_curve(trainer.state.log_history, out / "loss_curve.png")
-        print(f"adapter written to {out}")
+        print(f"{'model' if cfg.finetuning == 'full' else 'adapter'} written to {out}")
     trainer.accelerator.wait_for_everyone()
-    return os.path.join(cfg.save_dir, ADAPTER_DIR)
+    return str(output_dir(cfg))
 
 
 if __name__ == "__main__":

@@ -21,8 +21,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 PYTHON = sys.executable
-# A test that needs the session's trained adapter waits for a 150-step training: slow.
-SLOW_FIXTURES = {"memorised_trainer"}
+# A test that needs a trained adapter or model (a 150-step training in a fixture) is slow.
+SLOW_FIXTURES = {"memorised_trainer", "full_run"}
 
 
 def pytest_configure(config):
@@ -34,6 +34,8 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+
+
 # Settings under which the tiny model memorises 16 examples (LoRA plus trainable embeddings
 # and head, since a random tiny model has no useful ones).
 MEMORISE = {

@@ -79,7 +79,7 @@ def test_architecture_trains_reloads_scores_and_merges(arch, tiny_model, train16
     from model_utils import generate, load_for_inference, load_model_and_tokenizer
 
     base = tmp_path / f"tiny-{arch}"
-    tokenizer = build(arch, tiny_model, base)
+    build(arch, tiny_model, base)
     style = ARCHS[arch][2]
     options = {**QUICK, "model_dir": base, "train_path": train16, "prompt_style": style}
 

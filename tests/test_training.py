@@ -203,7 +203,7 @@ def test_interrupted_export_keeps_previous_adapter(memorised_trainer, tmp_path):
     args = json.loads((src / "train_args.json").read_text())
     model, tokenizer = load_model_and_tokenizer(args["model_dir"], lora_model=str(src))
     cfg = Config({**args, "save_dir": str(tmp_path)})
-    first = core.export_adapter(model, tokenizer, cfg)
+    first = core.export_trained(model, tokenizer, cfg)
     before = {p.name: p.read_bytes() for p in first.iterdir()}
 
     def broken_save(*a, **k):
@@ -211,7 +211,7 @@ def test_interrupted_export_keeps_previous_adapter(memorised_trainer, tmp_path):
 
     tokenizer.save_pretrained = broken_save
     with pytest.raises(KeyboardInterrupt):
-        core.export_adapter(model, tokenizer, cfg)
+        core.export_trained(model, tokenizer, cfg)
     assert {p.name: p.read_bytes() for p in first.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["adapter_model"]  # no temporary folder left
 
