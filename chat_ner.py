@@ -8,7 +8,8 @@ With --with_prompt an input is wrapped in the training template by the same `bui
 as training: `<instruction>文本：<sentence>` is split into instruction and query exactly as
 training joined them (a bare `文本：<sentence>` gets the default NER instruction); any other
 input is a plain Alpaca instruction. Decoding is greedy unless --do_sample is given (no
-repetition penalty: NER answers copy words from the input on purpose).
+repetition penalty: NER answers copy words from the input on purpose). NER answers are grounded
+(only substrings of the sentence and the label set's types; --grounded=False turns it off).
 """
 import argparse
 import json
@@ -31,6 +32,13 @@ def _positive(text):
     return value
 
 
+def _boolean(text):
+    value = {"true": True, "false": False}.get(text.lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not True or False")
+    return value
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--base_model", default=None, help="base model dir (default: the adapter's train_args.json)")
@@ -48,6 +56,9 @@ def parse_args(argv=None):
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--top_p", type=float, default=0.9)
     p.add_argument("--top_k", type=int, default=40)
+    p.add_argument("--grounded", type=_boolean, nargs="?", const=True, default=True,
+                   help="NER inputs (文本：... with --with_prompt): answers only name substrings of the sentence "
+                        "and the label set's types; --grounded=False turns it off")
     args = p.parse_args(argv)
     if not args.interactive and not args.data_file:
         p.error("give --interactive or --data_file")
@@ -69,9 +80,15 @@ def prompt_ids(tokenizer, text, with_prompt, default_instruct=None):
     return encode_prompt(tokenizer, text)
 
 
+def ner_sentence(text):
+    """The sentence of an NER input (`[instruction]文本：<sentence>`), else None."""
+    text = text.strip().removeprefix("\ufeff").strip()
+    return text.partition(QUERY_PREFIX)[2].strip() if QUERY_PREFIX in text else None
+
+
 class Chat:
     def __init__(self, args):
-        from model_utils import generate, instruct_for, load_for_inference
+        from model_utils import generate, instruct_for, label_names_for, load_for_inference
 
         self._generate = generate
         self.args = args
@@ -80,6 +97,7 @@ class Chat:
             device="cpu" if args.only_cpu else "auto",
         )
         self.instruct = instruct_for(train_args)  # for a bare `文本：<sentence>`
+        self.label_names = label_names_for(train_args)  # the types grounded answers may name
         # Room for the answer inside the model's context window.
         self.max_prompt = self.model.config.max_position_embeddings - args.max_new_tokens
         if self.max_prompt < 16:
@@ -97,8 +115,17 @@ class Chat:
                 print(f"warning: input is {len(ids)} tokens; keeping the last {self.max_prompt} to fit the "
                       f"model's context", file=sys.stderr)
             prompts.append(ids)
+        grounding = None
+        if self.args.grounded and self.args.with_prompt:
+            from grounding import Grounding
+
+            # NER inputs only; plain chat stays unconstrained.
+            sentences = [ner_sentence(text) for text in texts]
+            if any(s is not None for s in sentences):
+                grounding = Grounding(sentences, self.label_names)
         return self._generate(self.model, self.tokenizer, prompts, max_new_tokens=self.args.max_new_tokens,
-                              batch_size=self.args.batch_size, max_prompt_tokens=self.max_prompt, **self.sampling)
+                              batch_size=self.args.batch_size, max_prompt_tokens=self.max_prompt,
+                              grounding=grounding, **self.sampling)
 
 
 def interactive(chat):
