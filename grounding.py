@@ -92,6 +92,7 @@ class _Vocab:
                 self.ids_of.setdefault(data, []).append(i)
         self.spellings = self.ids_of.keys()
         self.longest = max((len(b) for b in self.spellings), default=1)
+        self.prefixes = {data[:k] for data in self.spellings for k in range(1, len(data) + 1)}
         # Tokens that may carry a line break, a separator or only spaces: candidates in any row.
         self.structural = [i for i, data in enumerate(self.token_bytes)
                            if data and (b"_" in data or b"\n" in data or not data.strip(b" "))]
@@ -100,12 +101,14 @@ class _Vocab:
 
     def spelling_ids(self, text):
         """Ids of the tokens whose bytes are a substring of `text`, alone or after spaces."""
-        found = set()
+        found, prefixes, ids_of = set(), self.prefixes, self.ids_of
         for i in range(len(text)):
-            for j in range(i + 1, min(len(text), i + self.longest) + 1):
-                piece = text[i:j]
-                found.update(self.ids_of.get(piece, ()))
-                found.update(self.ids_of.get(b" " + piece, ()))
+            for lead in (b"", b" "):
+                for j in range(i + 1, min(len(text), i + self.longest) + 1):
+                    piece = lead + text[i:j]
+                    if piece not in prefixes:
+                        break  # no token starts with it, so none with anything longer either
+                    found.update(ids_of.get(piece, ()))
         return found
 
     def mincost(self, text):
@@ -351,12 +354,15 @@ class GroundedLogitsProcessor(LogitsProcessor):
                 allowed = [self.vocab.eos_id]  # nothing fits: end here; Grammar.finish drops a partial line
             keep_rows += [r] * len(allowed)
             keep_cols += allowed
-        masked = scores.clone()
-        masked[rows] = -INF
         idx_r = torch.tensor(keep_rows, device=scores.device)
         idx_c = torch.tensor(keep_cols, device=scores.device)
-        masked[idx_r, idx_c] = scores[idx_r, idx_c]
-        return masked
+        kept = scores[idx_r, idx_c]
+        if len(rows) == scores.shape[0]:
+            scores.fill_(-INF)  # in place: generate does not use the raw scores again
+        else:
+            scores[rows] = -INF
+        scores[idx_r, idx_c] = kept
+        return scores
 
 
 class _RowScores:
