@@ -148,7 +148,9 @@ def _char_end_missing(data):
 
 
 class Grammar:
-    """The answer grammar for one sentence. A state is (current line bytes, lines done, seen pairs)."""
+    """The answer grammar for one sentence. A state is (current line bytes, lines done, seen pairs,
+    whether this line's leading spaces were given: one run of them per line, so a model that
+    keeps producing `▁` cannot spend its budget on spaces)."""
 
     def __init__(self, vocab, sentence, label_names):
         self.vocab = vocab
@@ -161,19 +163,34 @@ class Grammar:
         cheapest_close = min(self.close_cost.values())
         chars = {c for c in sentence if not c.isspace()}
         self.new_line_cost = min((vocab.mincost(c.encode()) for c in chars), default=INF) + cheapest_close
-        self.start = (b"", 0, frozenset())
+        self.start = (b"", 0, frozenset(), False)
         # Every token this grammar can ever allow is in here (a superset): parts of the sentence,
         # of the type names and of `没有`, tokens with `_`, a newline or only spaces, and EOS.
         fixed = b"\n".join([_NO_ENTITY] + [raw for _, raw in self.names])
-        self.relevant = vocab.spelling_ids(self.sentence) | vocab.spelling_ids(fixed) | set(vocab.structural)
-        self.relevant.add(vocab.eos_id)
+        self._fixed = vocab.spelling_ids(fixed) | set(vocab.structural) | {vocab.eos_id}
+        self.relevant = vocab.spelling_ids(self.sentence) | self._fixed
         self._relevant_ids = None
 
-    def relevant_ids(self, device):
-        """`relevant` as a tensor, for the scan past the top candidates."""
-        if self._relevant_ids is None:
-            self._relevant_ids = torch.tensor(sorted(self.relevant), device=device)
-        return self._relevant_ids
+    def relevant_ids(self, state, device):
+        """The token ids that may be allowed in `state` (a superset), for the scan past the top
+        candidates. Inside a line that is a list of a few: what continues the line where it
+        occurs in the sentence, parts of the names, and tokens with `_`, a newline or spaces."""
+        line = state[0]
+        if not line:
+            if self._relevant_ids is None:
+                self._relevant_ids = torch.tensor(sorted(self.relevant), device=device)
+            return self._relevant_ids
+        found, vocab, sent = set(self._fixed), self.vocab, self.sentence
+        pos = sent.find(line)
+        while pos >= 0:
+            end = pos + len(line)
+            for j in range(end + 1, min(len(sent), end + vocab.longest) + 1):
+                piece = sent[end:j]
+                if piece not in vocab.prefixes:
+                    break
+                found.update(vocab.ids_of.get(piece, ()))
+            pos = sent.find(line, pos + 1)
+        return torch.tensor(sorted(found), device=device)
 
     def _entity(self, data):
         """`data` as an entity string when it can close a line now, else None."""
@@ -220,7 +237,7 @@ class Grammar:
 
     def cost(self, state):
         """Fewest tokens that complete the answer from `state` (0: complete; inf: cannot)."""
-        line, lines, seen = state
+        line, lines, seen, _ = state
         best = INF
         if lines == 0 and _NO_ENTITY.startswith(line):
             best = self.vocab.mincost(_NO_ENTITY[len(line):])
@@ -252,18 +269,20 @@ class Grammar:
 
     def step(self, state, data):
         """The state after the bytes `data`, or None where they break the grammar."""
-        line, lines, seen = state
+        line, lines, seen, spaced = state
         for k, piece in enumerate(data.split(b"\n")):
             if k:
                 pair = self._pair(line, seen)
                 if pair is None:
                     return None
-                line, lines, seen = b"", lines + 1, seen | {pair}
-            if not line:
-                piece = piece.lstrip(b" ")
+                line, lines, seen, spaced = b"", lines + 1, seen | {pair}, False
+            if not line and piece.startswith(b" "):
+                if spaced:
+                    return None
+                piece, spaced = piece.lstrip(b" "), True
             if piece:
                 line += piece
-        return line, lines, seen
+        return line, lines, seen, spaced
 
     def finish(self, text):
         """`text` cut back to its complete part: a last line that is not complete is dropped (a
@@ -347,7 +366,7 @@ class GroundedLogitsProcessor(LogitsProcessor):
             allowed = self._allowed(grammar, state, order, row_scores, left)
             if not allowed:
                 # The wider scan: the tokens this row can ever allow, most likely first.
-                ids = grammar.relevant_ids(scores.device)
+                ids = grammar.relevant_ids(state, scores.device)
                 rest = ids[torch.argsort(scores[r, ids], descending=True)].tolist()
                 allowed = self._allowed(grammar, state, rest, row_scores, left)
             if not allowed:

@@ -142,6 +142,8 @@ def test_no_entity_only_as_the_whole_answer(grammar):
 
 def test_leading_space_and_spaces_inside_lines(grammar):
     assert complete(grammar, " ", "北京_地名")
+    assert run(grammar, " ", " ") is None  # one run of leading spaces: no budget spent on `▁` after `▁`
+    assert run(grammar, "北京_地名\n ", " ") is None
     assert complete(grammar, " 北京_地名\n 李鑫_人名")  # parse_answer strips lines too
     assert not fits(grammar, "北京 ")  # no space in the sentence
     assert not fits(grammar, "北京_ 地名")
@@ -221,10 +223,12 @@ def test_processor_closes_the_line_when_the_budget_runs_out(tiny_model):
     so_far, more, underscore = _own(tok, "北京大学"), _own(tok, "见到")[:1], tok.convert_tokens_to_ids("_")
     # 北京大学见到 is in the sentence, so with room to spare the model's choice stands...
     assert _best(_processor(tok, SENTENCE, 40), so_far, more + [underscore], n) == more[0]
-    # ...but with only the tokens for `_` and a name left, the line must close now.
-    closing = len(_own(tok, "_地名"))  # one way to spell it: the fewest can only be fewer
+    # ...but with only the 2 tokens for `_` and a name left, the line must close now. (Closing
+    # takes exactly 2 here: `_` is a token of its own and some type name is one token.)
+    pieces = tok.convert_ids_to_tokens(list(range(n)))
+    assert not any("_" in p and p != "_" for p in pieces) and set(pieces) & NAMES
     choice = _best(_processor(tok, SENTENCE, len(so_far) + 2), so_far, more + [underscore], n)
-    assert closing >= 2 and choice == underscore
+    assert choice == underscore
 
 
 @pytest.fixture(scope="module")
