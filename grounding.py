@@ -97,7 +97,7 @@ class _Vocab:
         self.structural = [i for i, data in enumerate(self.token_bytes)
                            if data and (b"_" in data or b"\n" in data or not data.strip(b" "))]
         self.eos_id = tokenizer.eos_token_id
-        self._cost = {}
+        self._cost, self._fixed = {}, {}
 
     def spelling_ids(self, text):
         """Ids of the tokens whose bytes are a substring of `text`, alone or after spaces."""
@@ -110,6 +110,14 @@ class _Vocab:
                         break  # no token starts with it, so none with anything longer either
                     found.update(ids_of.get(piece, ()))
         return found
+
+    def fixed_ids(self, fixed):
+        """Ids of the tokens that may appear in any answer of a label set (`fixed`: its names and
+        `没有`): parts of those, tokens with `_`, a newline or only spaces, and EOS."""
+        ids = self._fixed.get(fixed)
+        if ids is None:
+            ids = self._fixed[fixed] = self.spelling_ids(fixed) | set(self.structural) | {self.eos_id}
+        return ids
 
     def mincost(self, text):
         """Fewest tokens whose bytes concatenate to exactly `text` (inf if none)."""
@@ -167,9 +175,14 @@ class Grammar:
         # Every token this grammar can ever allow is in here (a superset): parts of the sentence,
         # of the type names and of `没有`, tokens with `_`, a newline or only spaces, and EOS.
         fixed = b"\n".join([_NO_ENTITY] + [raw for _, raw in self.names])
-        self._fixed = vocab.spelling_ids(fixed) | set(vocab.structural) | {vocab.eos_id}
-        self.relevant = vocab.spelling_ids(self.sentence) | self._fixed
-        self._relevant_ids = None
+        self._fixed = vocab.fixed_ids(fixed)
+        self._relevant = self._relevant_ids = None  # built on first use (most rows never need them)
+
+    @property
+    def relevant(self):
+        if self._relevant is None:
+            self._relevant = self.vocab.spelling_ids(self.sentence) | self._fixed
+        return self._relevant
 
     def relevant_ids(self, state, device):
         """The token ids that may be allowed in `state` (a superset), for the scan past the top
@@ -317,12 +330,13 @@ class GroundedLogitsProcessor(LogitsProcessor):
         """Allowed token ids among `order` (most likely first): greedy stops at the first one
         (and its exact ties)."""
         tb, eos, found, first_score = self.vocab.token_bytes, self.vocab.eos_id, [], None
-        complete, relevant = None, grammar.relevant
+        # A cheap filter once the row's relevant set exists; before that, the full check.
+        complete, relevant = None, grammar._relevant
         for tok in order:
             if found and self.greedy:
                 if scores_row[tok] != first_score:
                     break
-            if tok not in relevant:
+            if relevant is not None and tok not in relevant:
                 continue
             if tok == eos:
                 if complete is None:
