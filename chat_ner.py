@@ -8,7 +8,8 @@ With --with_prompt an input is wrapped in the training template by the same `bui
 as training: `<instruction>文本：<sentence>` is split into instruction and query exactly as
 training joined them (a bare `文本：<sentence>` gets the default NER instruction); any other
 input is a plain Alpaca instruction. Decoding is greedy unless --do_sample is given (no
-repetition penalty: NER answers copy words from the input on purpose).
+repetition penalty: NER answers copy words from the input on purpose). NER answers are grounded
+(only substrings of the sentence and the label set's types; --grounded=False turns it off).
 """
 import json
 import os
@@ -41,6 +42,7 @@ DEFAULTS = {
     "top_p": 0.9,  # sampling only
     "top_k": 40,  # sampling only
     "trust_remote_code": False,  # run code shipped with the model (only for models transformers lacks)
+    "grounded": True,  # NER inputs (文本：... with --with_prompt): answers only name the sentence's substrings and the label set's types
 }
 
 
@@ -74,9 +76,15 @@ def prompt_ids(tokenizer, text, with_prompt, default_instruct=None, style="alpac
     return encode_prompt(tokenizer, text, style=style)
 
 
+def ner_sentence(text):
+    """The sentence of an NER input (`[instruction]文本：<sentence>`), else None."""
+    text = text.strip().removeprefix("\ufeff").strip()
+    return text.partition(QUERY_PREFIX)[2].strip() if QUERY_PREFIX in text else None
+
+
 class Chat:
     def __init__(self, args):
-        from model_utils import generate, instruct_for, load_for_inference
+        from model_utils import generate, instruct_for, label_names_for, load_for_inference
 
         self._generate = generate
         self.args = args
@@ -90,6 +98,7 @@ class Chat:
                             f"prompt_style {recorded}")
         self.style = check_prompt_style(args.prompt_style or recorded, self.tokenizer)
         self.instruct = instruct_for(train_args)  # for a bare `文本：<sentence>`
+        self.label_names = label_names_for(train_args)  # the types grounded answers may name
         # Room for the answer inside the model's context window.
         self.max_prompt = self.model.config.max_position_embeddings - args.max_new_tokens
         if self.max_prompt < 16:
@@ -107,8 +116,17 @@ class Chat:
                 print(f"warning: input is {len(ids)} tokens; keeping the last {self.max_prompt} to fit the "
                       f"model's context", file=sys.stderr)
             prompts.append(ids)
+        grounding = None
+        if self.args.grounded and self.args.with_prompt:
+            from grounding import Grounding
+
+            # NER inputs only; plain chat stays unconstrained.
+            sentences = [ner_sentence(text) for text in texts]
+            if any(s is not None for s in sentences):
+                grounding = Grounding(sentences, self.label_names)
         return self._generate(self.model, self.tokenizer, prompts, max_new_tokens=self.args.max_new_tokens,
-                              batch_size=self.args.batch_size, max_prompt_tokens=self.max_prompt, **self.sampling)
+                              batch_size=self.args.batch_size, max_prompt_tokens=self.max_prompt,
+                              grounding=grounding, **self.sampling)
 
 
 def interactive(chat):

@@ -37,6 +37,7 @@ INFER_DEFAULTS = {
     "tokenizer_path": None,  # None: the adapter's tokenizer, else model_dir's
     "batch_size": 32,  # prompts generated together (similar lengths are grouped)
     "max_new_tokens": 64,  # answer budget; MSRA answers are ~10 tokens, the longest ~60
+    "grounded": True,  # answers may only name substrings of the sentence and the label set's types (grounding.py)
     "dtype": "auto",  # auto: bf16/fp16 on a GPU, fp32 on CPU
     "device": "auto",  # auto: cuda when available, else cpu; or e.g. cuda:1
     "trust_remote_code": False,  # run code shipped with the model (only for models transformers lacks)
@@ -81,9 +82,11 @@ def load_from_config(cfg):
 
 
 def ner_generate(model, tokenizer, train_args, records, batch_size=16, max_new_tokens=64, progress=None,
-                 **generate_options):
+                 grounded=False, label_names=None, **generate_options):
     """Instruct records -> raw generated answers, prompts built exactly as in training.
 
+    With `grounded`, answers are constrained to substrings of each record's sentence (its query
+    after `文本：`) and the names of `label_names` (default: the adapter's label set); see grounding.py.
     Returns (outputs, number of queries shortened to fit the trained max_seq_length).
     """
     collate = NerCollate(train_args, tokenizer)
@@ -99,8 +102,14 @@ def ner_generate(model, tokenizer, train_args, records, batch_size=16, max_new_t
             ) from None
         prompts.append(ids)
         shortened += cut
+    grounding = None
+    if grounded:
+        from grounding import Grounding, sentence_of
+
+        grounding = Grounding([sentence_of(rec[collate.query_column]) for rec in records],
+                              label_names or label_names_for(train_args))
     outputs = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
-                       batch_size=batch_size, progress=progress, **generate_options)
+                       batch_size=batch_size, progress=progress, grounding=grounding, **generate_options)
     return outputs, shortened
 
 
@@ -351,7 +360,7 @@ def shared_prefix_length(prompts):
 
 @torch.inference_mode()
 def generate(model, tokenizer, prompts, max_new_tokens=64, batch_size=8, progress=None,
-             max_prompt_tokens=None, prefix_cache=True, **sampling):
+             max_prompt_tokens=None, prefix_cache=True, grounding=None, **sampling):
     """Token-id prompts -> decoded continuations, in input order.
 
     Prompts of similar length share a batch (less padding); padding sits on the left with an
@@ -362,7 +371,9 @@ def generate(model, tokenizer, prompts, max_new_tokens=64, batch_size=8, progres
     [shared prefix | left padding | own tokens]. Positions come from the attention mask, so
     every token sits where it would without the cache: the outputs are the same.
     Greedy unless `sampling` has do_sample=True. Generation stops at EOS; the text after it is
-    dropped. `progress(n)` is called after each batch.
+    dropped. `grounding` (grounding.Grounding: one sentence per prompt, None for a free row, and
+    the label set) constrains the answers to that sentence's substrings and the label names.
+    `progress(n)` is called after each batch.
     """
     import copy
 
@@ -404,6 +415,18 @@ def generate(model, tokenizer, prompts, max_new_tokens=64, batch_size=8, progres
             cache = copy.deepcopy(prefix_kv)
             cache.batch_repeat_interleave(len(batch))
             extra["cache"] = cache
+        processor = None
+        if grounding is not None:
+            from transformers import LogitsProcessorList
+
+            import grounding as grounding_module
+
+            # Sampling draws among the allowed tokens of the top candidates: at least top_k of them.
+            candidates = max(grounding_module.CANDIDATES, gen_config.top_k or 0) if gen_config.do_sample \
+                else grounding_module.CANDIDATES
+            processor = grounding_module.make_processor(tokenizer, grounding, batch, max_new_tokens, candidates,
+                                                        greedy=not gen_config.do_sample)
+            extra["logits_processor"] = LogitsProcessorList([processor])
         generated = model.generate(
             input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
             generation_config=gen_config, **extra,
@@ -413,6 +436,8 @@ def generate(model, tokenizer, prompts, max_new_tokens=64, batch_size=8, progres
             if tokenizer.eos_token_id in new:
                 new = new[:new.index(tokenizer.eos_token_id)]
             outputs[i] = tokenizer.decode(new, skip_special_tokens=True).strip()
+            if processor is not None and processor.grammars[row] is not None:
+                outputs[i] = processor.grammars[row].finish(outputs[i])
         if progress is not None:
             progress(len(batch))
     return outputs

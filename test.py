@@ -107,7 +107,8 @@ def main(argv=None):
     start = time.perf_counter()
     with tqdm(total=len(records), desc="test", unit="ex") as bar:
         outputs, shortened = ner_generate(model, tokenizer, train_args, records, cfg.batch_size,
-                                          cfg.max_new_tokens, progress=bar.update)
+                                          cfg.max_new_tokens, progress=bar.update, grounded=cfg.grounded,
+                                          label_names=label_names)
     elapsed = time.perf_counter() - start
 
     examples, rows = [], []

@@ -11,7 +11,8 @@ Training, same model, same examples, same number of optimizer steps:
   (b') (b) with share_prefix=False;
   (c) a bare PyTorch loop over the same batches and loss function as (b): the practical limit.
 Evaluation on the same test sentences:
-  (a) one example at a time; (b) our batched generation; (c) (b) plus the shared-prefix KV cache.
+  (a) one example at a time; (b) our batched generation; (c) (b) plus the shared-prefix KV cache;
+  (d) (c) with grounded decoding (test.py's default), against (c) without it.
 Results go to bench/results.json and BENCHMARKS.md. By default the model is a randomly
 initialised LLaMA (hidden 512, 4 layers, 20.8M parameters with the tiny tokenizer's 8,000
 pieces) so that model compute, not Python overhead, dominates a training step; random weights
@@ -225,21 +226,27 @@ def run_eval(model_dir, records, cfg):
     args = {"max_seq_length": 512}
     variants = {"single": dict(batch_size=1, prefix_cache=False),
                 "batched": dict(batch_size=cfg.eval_batch_size, prefix_cache=False),
-                "prefix_cache": dict(batch_size=cfg.eval_batch_size, prefix_cache=True)}
+                "prefix_cache": dict(batch_size=cfg.eval_batch_size, prefix_cache=True),
+                "grounded": dict(batch_size=cfg.eval_batch_size, prefix_cache=True, grounded=True)}
     ner_generate(model, tokenizer, args, records[:4], max_new_tokens=2)  # warm-up
-    # Useful work per example: every prompt token and max_new_tokens generated ones (a random
-    # model never stops early), whatever a variant skips or repeats to get there.
+    ner_generate(model, tokenizer, args, records[:4], max_new_tokens=2, grounded=True)  # and the token table
+    # Useful work per example: every prompt token and every answer token (re-encoded from the
+    # output), whatever a variant skips or repeats to get there.
     collate = NerCollate(args, tokenizer)
     prompt_tokens = [len(collate.inference_ids(r, cfg.max_new_tokens, 2048)[0]) for r in records]
-    tokens = sum(prompt_tokens) + cfg.max_new_tokens * len(records)
-    context = sum(prompt_tokens) / len(records) + cfg.max_new_tokens / 2
-    flops = tokens * flops_per_token(model_shape(model_dir), context, training=False)
+    shape = model_shape(model_dir)
     results, outputs = {}, {}
     for name, options in variants.items():
         start = time.perf_counter()
         outputs[name], _ = ner_generate(model, tokenizer, args, records, max_new_tokens=cfg.max_new_tokens, **options)
         elapsed = time.perf_counter() - start
+        # Answer length in tokens (re-encoded): a random model's grounded answers end earlier,
+        # which the examples/s ratio alone would hide.
+        tokens = sum(len(tokenizer.encode(o, add_special_tokens=False)) for o in outputs[name])
+        context = (sum(prompt_tokens) + tokens / 2) / len(records)
+        flops = (sum(prompt_tokens) + tokens) * flops_per_token(shape, context, training=False)
         results[name] = {"seconds": elapsed, "examples_per_second": len(records) / elapsed,
+                         "answer_tokens": tokens / len(records), "tokens_per_second": tokens / elapsed,
                          "model_flops_per_second": flops / elapsed}
     identical = outputs["single"] == outputs["batched"] == outputs["prefix_cache"]
     return results, identical
@@ -326,14 +333,19 @@ def write_markdown(path, results, command):
               f"the shared prompt prefix runs once per batch instead of once per example)", "",
               "## Evaluation", "",
               f"{results['eval_examples']} MSRA test sentences, {results['max_new_tokens']} new tokens each (greedy).", "",
-              "| variant | examples/s | MFU |", "|---|---|---|"]
+              "| variant | examples/s | answer tokens | MFU |", "|---|---|---|---|"]
     enames = {"single": "(a) one example at a time", "batched": "(b) batched generation",
-              "prefix_cache": "(c) batched + shared-prefix KV cache"}
+              "prefix_cache": "(c) batched + shared-prefix KV cache",
+              "grounded": "(d) (c) with grounded decoding"}
     for key, label in enames.items():
-        lines.append(f"| {label} | {e[key]['examples_per_second']:.2f} | {e[key].get('mfu', float('nan')):.1%} |")
+        r = e[key]
+        tokens = f"{r['answer_tokens']:.1f}" if "answer_tokens" in r else "-"
+        lines.append(f"| {label} | {r['examples_per_second']:.2f} | {tokens} | {r.get('mfu', float('nan')):.1%} |")
     lines += ["", f"- eval_speedup_vs_single (b/a): **{results['eval_speedup_vs_single']:.2f}**",
               f"- eval_speedup_prefix_cache (c/b): **{results['eval_speedup_prefix_cache']:.2f}**",
-              f"- outputs identical across the three: **{results['eval_outputs_identical']}**", "",
+              f"- outputs identical across (a), (b), (c): **{results['eval_outputs_identical']}**",
+              f"- eval_grounded_vs_plain (d/c): **{results['eval_grounded_vs_plain']:.2f}** (examples/s; "
+              f"the random model's grounded answers are shorter, see the answer tokens column)", "",
               "## Model FLOPs utilisation", "",
               f"MFU = model FLOPs per second over the peak: {results['peak_flops'] / 1e12:.3g} TFLOP/s "
               f"({results['peak_source']}). Model FLOPs count useful work only: real (non-padding) tokens, "
@@ -377,7 +389,8 @@ def main(argv=None):
 
     records = load_data(cfg.test_path)[:cfg.eval_examples]
     if cfg.skip_eval:
-        evals, identical = {k: {"examples_per_second": float("nan")} for k in ("single", "batched", "prefix_cache")}, None
+        evals, identical = {k: {"examples_per_second": float("nan")}
+                            for k in ("single", "batched", "prefix_cache", "grounded")}, None
     else:
         evals, identical = run_eval(model_dir, records, cfg)
         for stats in evals.values():
@@ -395,6 +408,7 @@ def main(argv=None):
         "eval_speedup_vs_single": evals["batched"]["examples_per_second"] / evals["single"]["examples_per_second"],
         "eval_speedup_prefix_cache": evals["prefix_cache"]["examples_per_second"] / evals["batched"]["examples_per_second"],
         "eval_outputs_identical": identical,
+        "eval_grounded_vs_plain": evals["grounded"]["examples_per_second"] / evals["prefix_cache"]["examples_per_second"],
         "peak_flops": peak, "peak_source": peak_source,
         "mfu": {**{f"train_{k}": v["mfu"] for k, v in train.items()},
                 **{f"eval_{k}": v.get("mfu") for k, v in evals.items()}},
