@@ -193,7 +193,35 @@ def _own(tok, text):
     return [i for i in tok.encode(text, add_special_tokens=False) if tok.convert_ids_to_tokens(i) != "▁"]
 
 
-def test_processor_keeps_the_model_choice_when_it_fits_and_corrects_it_otherwise(tiny_model):
+@pytest.fixture
+def explore(monkeypatch):
+    """Mid-answer, take any allowed token (the wider scan) instead of ending the answer: exercises
+    the whole grammar where the default would stop at the first broken choice."""
+    import grounding
+
+    monkeypatch.setattr(grounding, "MID_ANSWER", None)
+
+
+def test_mid_answer_a_broken_first_choice_ends_the_answer(tiny_model):
+    from grounding import Grammar, vocab_for
+    from model_utils import load_tokenizer
+
+    tok = load_tokenizer(tiny_model)
+    n = len(tok)
+    bei = _own(tok, "北")
+    foreign = _own(tok, "上海")[:1]  # not in the sentence: the model is inventing a string
+    jing = _own(tok, "京")
+    # The model's first choice fits: it stands. It does not: the answer ends (EOS), even though
+    # an allowed token (京) is ranked second.
+    assert _best(_processor(tok, SENTENCE, 16), bei, jing + foreign, n) == jing[0]
+    assert _best(_processor(tok, SENTENCE, 16), bei, foreign + jing, n) == tok.eos_token_id
+    # What was generated up to there is cut back to complete lines.
+    grammar = Grammar(vocab_for(tok), SENTENCE, DEFAULT_LABEL_NAMES)
+    assert grammar.finish("北京_地名\n北") == "北京_地名"
+    assert grammar.finish("北") == "没有"
+
+
+def test_processor_keeps_the_model_choice_when_it_fits_and_corrects_it_otherwise(tiny_model, explore):
     from model_utils import load_tokenizer
 
     tok = load_tokenizer(tiny_model)
@@ -215,7 +243,7 @@ def test_processor_keeps_the_model_choice_when_it_fits_and_corrects_it_otherwise
     assert _best(_processor(tok, SENTENCE, 16), _own(tok, "北京_地名"), [tok.eos_token_id], n) == tok.eos_token_id
 
 
-def test_processor_closes_the_line_when_the_budget_runs_out(tiny_model):
+def test_processor_closes_the_line_when_the_budget_runs_out(tiny_model, explore):
     from model_utils import load_tokenizer
 
     tok = load_tokenizer(tiny_model)
@@ -252,7 +280,17 @@ def _generate(base_model, records, grounded, **options):
                         **{"batch_size": 8, "max_new_tokens": 16, **options})[0]
 
 
-def test_random_model_answers_are_grounded(base_model, test30):
+def test_random_model_answers_are_grounded_by_default(base_model, test30):
+    from metrics import parse_answer
+
+    sentences = [r["query"].removeprefix("文本：") for r in test30]
+    for output, sentence in zip(_generate(base_model, test30, True), sentences):
+        pairs = check_grounded(output, sentence)
+        assert not parse_answer(output).bad_lines
+        assert all(entity in sentence for entity, _ in pairs)
+
+
+def test_random_model_answers_are_grounded(base_model, test30, explore):
     from metrics import parse_answer
 
     sentences = [r["query"].removeprefix("文本：") for r in test30]
@@ -284,7 +322,7 @@ def test_random_model_answers_are_grounded(base_model, test30):
     assert results["batch 8, prefix cache"] == results["batch 8, no prefix cache"] == results["batch 1"]
 
 
-def test_small_budget_never_cuts_a_line(base_model, test30):
+def test_small_budget_never_cuts_a_line(base_model, test30, explore):
     sentences = [r["query"].removeprefix("文本：") for r in test30]
     for budget in (3, 6):
         outputs = _generate(base_model, test30, True, max_new_tokens=budget)
@@ -334,7 +372,9 @@ def test_chat_grounded_flag_forms():
     assert chat.parse_args(base + ["--grounded"]).grounded is True
     assert chat.parse_args(base + ["--grounded=False"]).grounded is False
     assert chat.parse_args(base + ["--grounded", "false"]).grounded is False
-    with pytest.raises(SystemExit):
+    from config_utils import ConfigError
+
+    with pytest.raises(ConfigError, match="grounded"):
         chat.parse_args(base + ["--grounded=maybe"])
     assert chat.ner_sentence("指令文本： 北京欢迎你 ") == "北京欢迎你"
     assert chat.ner_sentence("你好") is None
