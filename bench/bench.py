@@ -220,7 +220,7 @@ def run_bare(tcfg, batches):
 
 def run_eval(model_dir, records, cfg):
     from dataset import NerCollate
-    from model_utils import load_model_and_tokenizer, ner_generate
+    from model_utils import load_model_and_tokenizer, ner_generate, shared_prefix_length
 
     model, tokenizer = load_model_and_tokenizer(model_dir, dtype=cfg.dtype)
     args = {"max_seq_length": 512}
@@ -233,7 +233,9 @@ def run_eval(model_dir, records, cfg):
     # Useful work per example: every prompt token and every answer token (re-encoded from the
     # output), whatever a variant skips or repeats to get there.
     collate = NerCollate(args, tokenizer)
-    prompt_tokens = [len(collate.inference_ids(r, cfg.max_new_tokens, 2048)[0]) for r in records]
+    prompt_ids = [collate.inference_ids(r, cfg.max_new_tokens, 2048)[0] for r in records]
+    prompt_tokens = [len(p) for p in prompt_ids]
+    shared = shared_prefix_length(prompt_ids)
     shape = model_shape(model_dir)
     results, outputs = {}, {}
     for name, options in variants.items():
@@ -244,7 +246,9 @@ def run_eval(model_dir, records, cfg):
         # which the examples/s ratio alone would hide.
         tokens = sum(len(tokenizer.encode(o, add_special_tokens=False)) for o in outputs[name])
         context = (sum(prompt_tokens) + tokens / 2) / len(records)
-        flops = (sum(prompt_tokens) + tokens) * flops_per_token(shape, context, training=False)
+        # With the prefix cache the shared prompt prefix runs once per call, not once per example.
+        prompts = sum(prompt_tokens) - (len(records) - 1) * shared if options["prefix_cache"] else sum(prompt_tokens)
+        flops = (prompts + tokens) * flops_per_token(shape, context, training=False)
         results[name] = {"seconds": elapsed, "examples_per_second": len(records) / elapsed,
                          "answer_tokens": tokens / len(records), "tokens_per_second": tokens / elapsed,
                          "model_flops_per_second": flops / elapsed}
@@ -302,6 +306,14 @@ def flops_per_token(shape, context, training):
     return (4 * n + 3 * attention) if training else (2 * n + attention)
 
 
+def run_tokens(batch, share_prefix):
+    """Tokens a training step runs through the model: the real ones, the shared prefix once."""
+    from train_core import loss_free_prefix_length
+
+    real = int(batch["attention_mask"].sum())
+    return real - (len(batch["input_ids"]) - 1) * loss_free_prefix_length(batch) if share_prefix else real
+
+
 def machine():
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
@@ -351,7 +363,8 @@ def write_markdown(path, results, command):
               f"({results['peak_source']}). Model FLOPs count useful work only: real (non-padding) tokens, "
               "2N per token forward for the N matmul weights plus attention over the context, and for LoRA "
               "training the backward pass through the frozen weights (4N in all), as nanoGPT's estimate_mfu "
-              "does for full training (6N). Padding, repeated prefixes and Python overhead lower MFU.", ""]
+              "does for full training (6N). A shared prompt prefix counts once where a variant runs it once. "
+              "Padding, recomputed prefixes and Python overhead lower MFU.", ""]
     Path(path).write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
@@ -375,17 +388,23 @@ def main(argv=None):
     ours_cfg = train_config(cfg, model_dir, str(work / "ours"), True, 256)
     train["ours"], counting = run_trainer(ours_cfg)
     seed_cfg = train_config(cfg, model_dir, str(work / "seed"), False, cfg.seed_max_length, share_prefix=False)
-    train["seed"], _ = run_trainer(seed_cfg, pad_to=cfg.seed_max_length)
+    train["seed"], seed_counting = run_trainer(seed_cfg, pad_to=cfg.seed_max_length)
     plain_cfg = train_config(cfg, model_dir, str(work / "plain"), True, 256, share_prefix=False)
-    train["no_prefix"], _ = run_trainer(plain_cfg)
+    train["no_prefix"], plain_counting = run_trainer(plain_cfg)
     train["bare"] = run_bare(ours_cfg, counting.batches[:cfg.steps])
 
     peak, peak_source = peak_flops(cfg.dtype)
     shape = model_shape(model_dir)
-    for stats in train.values():
-        # tokens_per_second counts real tokens; the context is the mean real length of an example.
-        context = stats["tokens_per_second"] / stats["examples_per_second"]
-        stats["mfu"] = stats["tokens_per_second"] * flops_per_token(shape, context, training=True) / peak
+    # Model FLOPs of the tokens each variant must run: every real token, except that a shared
+    # prompt prefix counts once per batch where the variant computes it once (that saving is
+    # the algorithm's, not extra utilisation).
+    batches = {"ours": (counting.batches, True), "bare": (counting.batches, True),
+               "seed": (seed_counting.batches, False), "no_prefix": (plain_counting.batches, False)}
+    for name, stats in train.items():
+        timed, shared = batches[name][0][WARMUP_STEPS:cfg.steps], batches[name][1]
+        tokens = sum(run_tokens(b, shared) for b in timed)
+        context = sum(int(b["attention_mask"].sum()) for b in timed) / sum(len(b["input_ids"]) for b in timed)
+        stats["mfu"] = tokens * flops_per_token(shape, context, training=True) / stats["seconds"] / peak
 
     records = load_data(cfg.test_path)[:cfg.eval_examples]
     if cfg.skip_eval:
