@@ -5,7 +5,7 @@
     python bench/bench.py --model_dir=model_hub/chinese-alpaca-7b --dtype=bf16   # on a GPU
 
 Training, same model, same examples, same number of optimizer steps:
-  (a) the seed's recipe: every example padded to 192 tokens, random batches (HF Trainer);
+  (a) the original repository's recipe: every example padded to 192 tokens, random batches (HF Trainer);
   (b) our default train_trainer.py path: length-grouped batches, dynamic padding, the shared
       prompt prefix computed once per batch;
   (b') (b) with share_prefix=False;
@@ -44,8 +44,8 @@ DEFAULTS = {
     "test_path": str(ROOT / "data" / "msra" / "instruct_data" / "test.txt"),
     "train_examples": 2000,  # training examples the samplers draw from
     "train_steps": 100,  # optimizer steps per training variant (quick: 40)
-    "train_batch_size": 12,  # the seed's batch size
-    "seed_max_length": 192,  # the seed's fixed padding length
+    "train_batch_size": 12,  # the original repository's batch size
+    "seed_max_length": 192,  # the original repository's fixed padding length
     "eval_examples": 200,  # MSRA test sentences each generation variant answers
     "eval_batch_size": 32,  # test.py's default batch_size
     "max_new_tokens": 16,  # a random model never stops early: every example generates this many
@@ -98,7 +98,7 @@ def build_random_model(cfg, out_dir):
 
 
 class CountingCollate:
-    """Wraps a collator: records real vs padded tokens; `pad_to` fixes the length (the seed's recipe)."""
+    """Wraps a collator: records real vs padded tokens; `pad_to` fixes the length (the original recipe)."""
 
     def __init__(self, collate, pad_to=None):
         self.collate, self.pad_to = collate, pad_to
@@ -331,7 +331,7 @@ def write_markdown(path, results, command):
         f"the first {WARMUP_STEPS} are not timed; gradient checkpointing {results['gradient_checkpointing']}.", "",
         "| variant | examples/s | tokens/s | MFU | non-padding tokens | final loss |", "|---|---|---|---|---|---|",
     ]
-    names = {"seed": "(a) seed recipe: pad to 192, random batches", "ours": "(b) train_trainer.py default",
+    names = {"seed": "(a) the original repository's recipe: pad to 192, random batches", "ours": "(b) train_trainer.py default",
              "bare": "(c) bare PyTorch loop, batches and loss of (b)",
              "no_prefix": "(b') (b) with share_prefix=False"}
     for key, label in names.items():
@@ -384,7 +384,7 @@ def main(argv=None):
         model_desc = f"{model_dir} ({cfg.dtype})"
 
     train = {}
-    # Ours runs first, so any one-time start-up cost counts against it, not against the seed.
+    # Ours runs first, so any one-time start-up cost counts against it, not against the original recipe.
     ours_cfg = train_config(cfg, model_dir, str(work / "ours"), True, 256)
     train["ours"], counting = run_trainer(ours_cfg)
     seed_cfg = train_config(cfg, model_dir, str(work / "seed"), False, cfg.seed_max_length, share_prefix=False)
