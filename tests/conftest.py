@@ -85,14 +85,18 @@ def msra_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory, msra_dir):
     """A tiny LLaMA whose tokenizer was trained on 3,000 MSRA training sentences."""
-    sys.path.insert(0, str(ROOT / "model_hub"))
-    import build_tiny_llama
+    return build_test_model(tmp_path_factory, msra_dir, "tiny-llama", vocab_size=4000)[0]
 
-    out = tmp_path_factory.mktemp("tiny-llama")
+
+def build_test_model(tmp_path_factory, msra_dir, name, **options):
+    """build_tiny_llama on the first 3,000 MSRA training sentences -> (folder, those sentences)."""
+    from model_hub import build_tiny_llama
+
+    out = tmp_path_factory.mktemp(name)
     with open(msra_dir["dir"] / "ori_data" / "train.txt", encoding="utf-8") as f:
         texts = [json.loads(line)["text"] for _, line in zip(range(3000), f)]
-    build_tiny_llama.build(texts, out, vocab_size=4000)
-    return out
+    build_tiny_llama.build(texts, out, **options)
+    return out, texts
 
 
 @pytest.fixture(scope="session")

@@ -1,17 +1,16 @@
 """Full fine-tuning (finetuning=full): learning, export and reload, resume, two DeepSpeed ranks;
 and the demo's character-level tokenizer with tied embeddings."""
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import MEMORISE, PYTHON, ROOT, as_argv, free_port, load_script, run_cmd
+from conftest import MEMORISE, build_test_model, PYTHON, as_argv, free_port, load_script, run_cmd
 from dataset import load_data
 from test_inference import hand_parse
-from test_training import DEEPSPEED, _kill_after, max_diff, train_losses
+from test_training import DEEPSPEED, train_losses
 
 FULL_FILES = {"config.json", "model.safetensors", "train_args.json", "tokenizer_config.json", "loss_curve.png"}
 # The memorisation settings with no LoRA: every weight is trained at the same learning rate.
@@ -25,14 +24,8 @@ def model_tensors(model_dir):
 @pytest.fixture(scope="module")
 def char_model(tmp_path_factory, msra_dir):
     """The demo's kind of model at test size: char tokenizer from 3,000 sentences, tied embeddings."""
-    sys.path.insert(0, str(ROOT / "model_hub"))
-    import build_tiny_llama
-
-    out = tmp_path_factory.mktemp("tiny-llama-char")
-    with open(msra_dir["dir"] / "ori_data" / "train.txt", encoding="utf-8") as f:
-        texts = [json.loads(line)["text"] for _, line in zip(range(3000), f)]
-    build_tiny_llama.build(texts, out, tokenizer_type="char", tie_word_embeddings=True)
-    return out, texts
+    return build_test_model(tmp_path_factory, msra_dir, "tiny-llama-char", tokenizer_type="char",
+                            tie_word_embeddings=True)
 
 
 @pytest.fixture(scope="module")
@@ -195,32 +188,8 @@ def test_finished_full_model_is_not_overwritten(full_run, tiny_model, train16):
     assert (full_run / "model" / "model.safetensors").read_bytes() == before
 
 
-# ----------------------------------------------------------------------------------- resume
-
-RESUME_FULL = {"finetuning": "full", "learning_rate": 3e-3, "max_steps": 12, "save_steps": 4, "log_steps": 2,
-               "eval_steps": 0, "train_batch_size": 4}
-
-
-# The file each trainer writes last when a checkpoint is complete (the whole model takes longer
-# to write than an adapter, so the kill must not land inside the save), and the checkpoint.
-@pytest.mark.slow
-@pytest.mark.parametrize("script,marker,ckpt", [
-    ("train_trainer.py", "checkpoint-4/trainer_state.json", "checkpoint-4"),
-    ("train_deepspeed.py", "checkpoints/latest", "checkpoints/global_step4"),
-])
-def test_full_resume_after_kill_matches_uninterrupted_run(tmp_path, tiny_model, train16, script, marker, ckpt):
-    common = {**RESUME_FULL, "model_dir": tiny_model, "train_path": train16, "dev_path": train16}
-    run_cmd([PYTHON, script, *as_argv({**common, "save_dir": tmp_path / "once"})], timeout=600)
-    killed = tmp_path / "killed"
-    _kill_after([PYTHON, script, *as_argv({**common, "save_dir": killed})], killed / marker)
-    resume_from = killed / ckpt
-    start = model_tensors(resume_from) if script == "train_trainer.py" else None
-    run_cmd([PYTHON, script, *as_argv({**common, "save_dir": killed, "resume": resume_from})], timeout=600)
-    once, resumed = model_tensors(tmp_path / "once" / "model"), model_tensors(killed / "model")
-    assert max_diff(once, resumed) < 1e-6
-    assert max_diff(model_tensors(tiny_model), resumed) > 1e-4  # training moved the weights
-    if start is not None:  # the checkpoint really was mid-run: training moved the weights on
-        assert max_diff(start, resumed) > 1e-4
+# Resume after a kill equals the uninterrupted run: tests/test_training.py, parametrized over
+# finetuning=lora and full.
 
 
 # ------------------------------------------------------------------------ two DeepSpeed ranks

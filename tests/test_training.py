@@ -125,28 +125,35 @@ def _kill_after(cmd, marker, timeout=600):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("finetuning,output", [("lora", "adapter_model"), ("full", "model")])
 @pytest.mark.parametrize("script,ckpt,marker", [
     ("train_trainer.py", "checkpoint-4", "trainer_state.json"),
-    # The step's adapter export is the last thing a DeepSpeed checkpoint writes.
-    ("train_deepspeed.py", "checkpoints/global_step4", "adapter_model/train_args.json"),
+    # The step's export (adapter or whole model) is the last thing a DeepSpeed checkpoint writes.
+    ("train_deepspeed.py", "checkpoints/global_step4", "{output}/train_args.json"),
 ])
-def test_resume_after_kill_matches_uninterrupted_run(tmp_path, tiny_model, train16, script, ckpt, marker):
-    common = {**RESUME, "model_dir": tiny_model, "train_path": train16, "dev_path": train16}
+def test_resume_after_kill_matches_uninterrupted_run(tmp_path, tiny_model, train16, script, ckpt, marker,
+                                                     finetuning, output):
+    def weights(folder):
+        return load_file(str(Path(folder) / f"{output}.safetensors"))
+
+    common = {**RESUME, "finetuning": finetuning, "model_dir": tiny_model, "train_path": train16, "dev_path": train16}
     run_cmd([PYTHON, script, *as_argv({**common, "save_dir": tmp_path / "once"})])
     killed = tmp_path / "killed"
-    _kill_after([PYTHON, script, *as_argv({**common, "save_dir": killed})], killed / ckpt / marker)
-    # Only a finished run has <save_dir>/adapter_model/: test.py cannot take a step-4 adapter for the result.
-    assert not (killed / "adapter_model").exists()
-    leftover = killed / ".adapter_model-x1y2"  # what a kill during an export leaves behind
+    _kill_after([PYTHON, script, *as_argv({**common, "save_dir": killed})], killed / ckpt / marker.format(output=output))
+    # Only a finished run has <save_dir>/adapter_model/ (or model/): test.py cannot take a step-4 result.
+    assert not (killed / output).exists()
+    leftover = killed / f".{output}-x1y2"  # what a kill during an export leaves behind
     leftover.mkdir()
     resume_from = killed / ckpt
-    start = adapter_tensors(resume_from) if script == "train_trainer.py" else None
+    start = weights(resume_from) if script == "train_trainer.py" else None
     run_cmd([PYTHON, script, *as_argv({**common, "save_dir": killed, "resume": resume_from})])
     assert not leftover.exists()
-    once, resumed = adapter_tensors(tmp_path / "once" / "adapter_model"), adapter_tensors(killed / "adapter_model")
+    once, resumed = weights(tmp_path / "once" / output), weights(killed / output)
     assert max_diff(once, resumed) < 1e-6
     if start is not None:  # the checkpoint really was mid-run: training moved the weights on
         assert max_diff(start, resumed) > 1e-4
+    if finetuning == "full":  # every weight trained, not only an adapter
+        assert max_diff(load_file(str(Path(tiny_model) / "model.safetensors")), resumed) > 1e-4
 
 
 def test_resume_true_picks_latest_complete_trainer_checkpoint(tmp_path):
