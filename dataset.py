@@ -208,14 +208,13 @@ def load_data(path, columns=tuple(COLUMN_DEFAULTS.values()), allow_empty=False, 
     return (records, linenos) if line_numbers else records
 
 
-class NerCollate:
-    """Tokenise `prompt answer [EOS]` (the prompt starting with BOS or the chat template's own start),
-    mask the prompt out of the loss, pad dynamically. For chat templates EOS is the end-of-turn
-    token (Qwen's <|im_end|>, Llama-3's <|eot_id|>): the loss covers the answer and the turn's end.
+class PromptEncoder:
+    """Prompt token ids for instruct records, in the adapter's prompt style: what inference feeds
+    the model (`inference_ids`) and the prompt part of a training sequence (NerCollate).
 
-    `args` is the flat config (attribute or dict access): it names the columns and
-    `max_seq_length`. Too-long examples lose characters from the end of the query text only,
-    never the template, instruction, answer or EOS; `self.truncated` counts them.
+    `args` is the flat config or train_args (attribute or dict access): it names the columns,
+    `max_seq_length` and `prompt_style`. A query too long for the budget loses characters from
+    its end only, never the template, instruction or answer.
     """
 
     def __init__(self, args, tokenizer):
@@ -228,24 +227,12 @@ class NerCollate:
         if tokenizer.eos_token_id is None or (needs_bos and tokenizer.bos_token_id is None):
             raise PromptError(f"the tokenizer needs BOS and EOS tokens for NER training with the "
                             f"{self.prompt_style} prompt (a chat_template prompt needs EOS only)")
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.truncated = 0
 
     def _ids(self, text):
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def prompt_ids(self, instruct, query):
         return encode_prompt(self.tokenizer, instruct, query, self.prompt_style)
-
-    def encode(self, example):
-        instruct, query = example[self.instruct_column], example[self.query_column]
-        answer_ids = self._ids(example[self.response_column]) + [self.tokenizer.eos_token_id]
-        prompt_ids = self.prompt_ids(instruct, query)
-        budget = self.max_seq_length - len(answer_ids)
-        if len(prompt_ids) > budget:
-            prompt_ids = self._shorten_query(instruct, query, budget)
-            self.truncated += 1
-        return {"input_ids": prompt_ids + answer_ids, "labels": [-100] * len(prompt_ids) + answer_ids}
 
     def inference_ids(self, example, max_new_tokens, context=None):
         """Prompt ids for generation, the query shortened (as in training) so that prompt plus
@@ -275,6 +262,29 @@ class NerCollate:
                 f"the instruction and the answer; raise max_seq_length"
             )
         return ids
+
+class NerCollate(PromptEncoder):
+    """Tokenise `prompt answer [EOS]` (the prompt starting with BOS or the chat template's own start),
+    mask the prompt out of the loss, pad dynamically. For chat templates EOS is the end-of-turn
+    token (Qwen's <|im_end|>, Llama-3's <|eot_id|>): the loss covers the answer and the turn's end.
+    Too-long examples lose characters from the end of the query text only, never the template,
+    instruction, answer or EOS; `self.truncated` counts them.
+    """
+
+    def __init__(self, args, tokenizer):
+        super().__init__(args, tokenizer)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.truncated = 0
+
+    def encode(self, example):
+        instruct, query = example[self.instruct_column], example[self.query_column]
+        answer_ids = self._ids(example[self.response_column]) + [self.tokenizer.eos_token_id]
+        prompt_ids = self.prompt_ids(instruct, query)
+        budget = self.max_seq_length - len(answer_ids)
+        if len(prompt_ids) > budget:
+            prompt_ids = self._shorten_query(instruct, query, budget)
+            self.truncated += 1
+        return {"input_ids": prompt_ids + answer_ids, "labels": [-100] * len(prompt_ids) + answer_ids}
 
     def pad(self, features):
         longest = max(len(f["input_ids"]) for f in features)

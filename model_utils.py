@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from config_utils import ConfigError, UserError
-from dataset import DEFAULT_LABEL_NAMES, PROMPT_STYLES, NerCollate, TooLongError, ner_instruct, read_data_info
+from dataset import DEFAULT_LABEL_NAMES, PROMPT_STYLES, PromptEncoder, TooLongError, ner_instruct, read_data_info
 
 TRAIN_ARGS_FILE = "train_args.json"
 MODEL_HELP = (
@@ -89,14 +89,14 @@ def ner_generate(model, tokenizer, train_args, records, batch_size=16, max_new_t
     after `文本：`) and the names of `label_names` (default: the adapter's label set); see grounding.py.
     Returns (outputs, number of queries shortened to fit the trained max_seq_length).
     """
-    collate = NerCollate(train_args, tokenizer)
+    collate = PromptEncoder(train_args, tokenizer)
     context = model.config.max_position_embeddings
     prompts, shortened = [], 0
     for rec in records:
         try:
             ids, cut = collate.inference_ids(rec, max_new_tokens, context)
         except TooLongError:
-            raise ModelLoadError(
+            raise ConfigError(
                 f"max_new_tokens={max_new_tokens} leaves no room for the prompt in the model's "
                 f"{context}-token context; lower max_new_tokens"
             ) from None

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from config_utils import ConfigError, parse_config, run_cli
-from dataset import COLUMN_DEFAULTS, NO_ENTITY, QUERY_PREFIX, DataError, NerCollate, atomic_write_text, load_data, read_text
+from dataset import COLUMN_DEFAULTS, NO_ENTITY, QUERY_PREFIX, DataError, PromptEncoder, atomic_write_text, load_data, read_text
 from metrics import parse_answer
 from model_utils import (INFER_DEFAULTS, check_infer_config, instruct_for, label_names_for, load_from_config,
                          ner_generate, recorded_args)
@@ -114,7 +114,7 @@ def entity_offsets(text, entities):
 
 def windowed(records, tokenizer, train_args, max_new_tokens, context):
     """Records whose prompt would not fit -> one record per window; returns (records, owner index, start)."""
-    collate = NerCollate(train_args, tokenizer)
+    collate = PromptEncoder(train_args, tokenizer)
     # What the model was trained to read (max_seq_length), and never past its context window.
     budget = min(collate.max_seq_length, context) - max_new_tokens
     pieces, owners, starts = [], [], []

@@ -219,7 +219,7 @@ def run_bare(tcfg, batches):
 
 
 def run_eval(model_dir, records, cfg):
-    from dataset import NerCollate
+    from dataset import PromptEncoder
     from model_utils import load_model_and_tokenizer, ner_generate, shared_prefix_length
 
     model, tokenizer = load_model_and_tokenizer(model_dir, dtype=cfg.dtype)
@@ -232,7 +232,7 @@ def run_eval(model_dir, records, cfg):
     ner_generate(model, tokenizer, args, records[:4], max_new_tokens=2, grounded=True)  # and the token table
     # Useful work per example: every prompt token and every answer token (re-encoded from the
     # output), whatever a variant skips or repeats to get there.
-    collate = NerCollate(args, tokenizer)
+    collate = PromptEncoder(args, tokenizer)
     prompt_ids = [collate.inference_ids(r, cfg.max_new_tokens, 2048)[0] for r in records]
     prompt_tokens = [len(p) for p in prompt_ids]
     shared = shared_prefix_length(prompt_ids)

@@ -57,7 +57,8 @@ def test_greedy_outputs_do_not_depend_on_batch_size(loaded, mixed_records):
 
 
 def test_shared_prefix_cache_gives_the_same_outputs(loaded, mixed_records):
-    from model_utils import NerCollate, ner_generate, shared_prefix_length
+    from dataset import NerCollate
+    from model_utils import ner_generate, shared_prefix_length
 
     model, tokenizer, train_args = loaded
     prompts = [NerCollate(train_args, tokenizer).inference_ids(r, 24)[0] for r in mixed_records]
@@ -86,10 +87,11 @@ def test_greedy_ignores_the_models_generation_defaults(loaded, mixed_records):
 
 
 def test_too_many_new_tokens_for_the_context_is_a_clear_error(loaded, mixed_records):
-    from model_utils import ModelLoadError, ner_generate
+    from config_utils import ConfigError
+    from model_utils import ner_generate
 
     model, tokenizer, train_args = loaded
-    with pytest.raises(ModelLoadError, match="max_new_tokens=1000 leaves no room"):
+    with pytest.raises(ConfigError, match="max_new_tokens=1000 leaves no room"):
         ner_generate(model, tokenizer, train_args, mixed_records[:1], max_new_tokens=1000)
 
 
