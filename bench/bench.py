@@ -320,6 +320,16 @@ def machine():
     return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores (torch threads {torch.get_num_threads()})"
 
 
+def table_rows(stats, labels, cells):
+    """Markdown rows `| label | cells(stats[key])... |`, a peak-memory note on GPU runs."""
+    rows = []
+    for key, label in labels.items():
+        r = stats[key]
+        memory = f" (peak {r['peak_memory_gib']:.1f} GiB)" if "peak_memory_gib" in r else ""
+        rows.append(f"| {label}{memory} | " + " | ".join(cells(r)) + " |")
+    return rows
+
+
 def write_markdown(path, results, command):
     t, e = results["train"], results["eval"]
     lines = [
@@ -334,11 +344,9 @@ def write_markdown(path, results, command):
     names = {"seed": "(a) the original repository's recipe: pad to 192, random batches", "ours": "(b) train_trainer.py default",
              "bare": "(c) bare PyTorch loop, batches and loss of (b)",
              "no_prefix": "(b') (b) with share_prefix=False"}
-    for key, label in names.items():
-        r = t[key]
-        memory = f" (peak {r['peak_memory_gib']:.1f} GiB)" if "peak_memory_gib" in r else ""
-        lines.append(f"| {label}{memory} | {r['examples_per_second']:.2f} | {r['tokens_per_second']:.0f} | "
-                     f"{r['mfu']:.1%} | {r['non_padding_fraction']:.1%} | {r['final_loss']:.3f} |")
+    lines += table_rows(t, names, lambda r: [
+        f"{r['examples_per_second']:.2f}", f"{r['tokens_per_second']:.0f}", f"{r['mfu']:.1%}",
+        f"{r['non_padding_fraction']:.1%}", f"{r['final_loss']:.3f}"])
     lines += ["", f"- train_speedup_vs_seed (b/a): **{results['train_speedup_vs_seed']:.2f}**",
               f"- train_efficiency_vs_bare (b/c): **{results['train_efficiency_vs_bare']:.2f}**",
               f"- train_speedup_prefix (b/b'): **{results['train_speedup_prefix']:.2f}** (the same batches; "
@@ -349,10 +357,9 @@ def write_markdown(path, results, command):
     enames = {"single": "(a) one example at a time", "batched": "(b) batched generation",
               "prefix_cache": "(c) batched + shared-prefix KV cache",
               "grounded": "(d) (c) with grounded decoding"}
-    for key, label in enames.items():
-        r = e[key]
-        tokens = f"{r['answer_tokens']:.1f}" if "answer_tokens" in r else "-"
-        lines.append(f"| {label} | {r['examples_per_second']:.2f} | {tokens} | {r.get('mfu', float('nan')):.1%} |")
+    lines += table_rows(e, enames, lambda r: [
+        f"{r['examples_per_second']:.2f}", f"{r['answer_tokens']:.1f}" if "answer_tokens" in r else "-",
+        f"{r.get('mfu', float('nan')):.1%}"])
     lines += ["", f"- eval_speedup_vs_single (b/a): **{results['eval_speedup_vs_single']:.2f}**",
               f"- eval_speedup_prefix_cache (c/b): **{results['eval_speedup_prefix_cache']:.2f}**",
               f"- outputs identical across (a), (b), (c): **{results['eval_outputs_identical']}**",
