@@ -181,10 +181,10 @@ def test_finished_full_model_is_not_overwritten(full_run, tiny_model, train16):
     train = load_script("train_trainer")
     before = (full_run / "model" / "model.safetensors").read_bytes()
     with pytest.raises(Exception, match="already holds a finished model"):
-        train.main(as_argv({"model_dir": tiny_model, "train_path": train16, "save_dir": full_run,
+        train.main(as_argv({"model_dir": tiny_model, "train_path": train16, "dev_path": "", "save_dir": full_run,
                             "finetuning": "full"}))
     with pytest.raises(ConfigError, match="'finetuning'"):
-        train.main(as_argv({"model_dir": tiny_model, "train_path": train16, "save_dir": full_run,
+        train.main(as_argv({"model_dir": tiny_model, "train_path": train16, "dev_path": "", "save_dir": full_run,
                             "finetuning": "qlora"}))
     assert (full_run / "model" / "model.safetensors").read_bytes() == before
 
