@@ -137,6 +137,11 @@ def check_prompt_style(style, tokenizer=None):
     return style
 
 
+def write_jsonl(path, rows):
+    """One JSON object per line (UTF-8, not escaped), written atomically."""
+    atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
 def build_prompt(instruct, query=None, style="alpaca", tokenizer=None):
     """The prompt text for one example; the model's answer follows it directly.
 

@@ -9,12 +9,11 @@ too when the input is instruct JSONL with answers) and optionally writes JSONL w
 entity's character offsets in the text. A text longer than the model was trained on is cut
 into windows at sentence ends; every character is read, and offsets refer to the whole text.
 """
-import json
 from pathlib import Path
 
 from config_utils import ConfigError, parse_config, run_cli
-from dataset import COLUMN_DEFAULTS, NO_ENTITY, QUERY_PREFIX, DataError, PromptEncoder, atomic_write_text, load_data, read_text
-from metrics import parse_answer
+from dataset import COLUMN_DEFAULTS, NO_ENTITY, QUERY_PREFIX, DataError, PromptEncoder, load_data, read_text, write_jsonl
+from metrics import mention_spans, parse_answer
 from model_utils import (INFER_DEFAULTS, check_infer_config, instruct_for, label_names_for, load_from_config,
                          ner_generate, recorded_args)
 
@@ -96,19 +95,15 @@ def split_windows(text, fits, breaks=BREAKS):
 
 
 def entity_offsets(text, entities):
-    """[(entity, type)] -> [{entity, type, begin, end}] with every occurrence in the text (end exclusive).
-
-    A generated entity that does not occur in the text gets begin = end = -1.
+    """[(entity, type)] -> [{entity, type, begin, end}] with every occurrence in the text (end exclusive,
+    found by metrics.mention_spans, the scorer's own reading). A generated entity that does not
+    occur in the text gets begin = end = -1.
     """
     spans = []
     for entity, etype in entities:
-        start, found = text.find(entity), False
-        while start != -1:
-            spans.append({"entity": entity, "type": etype, "begin": start, "end": start + len(entity)})
-            found = True
-            start = text.find(entity, start + len(entity))
-        if not found:
-            spans.append({"entity": entity, "type": etype, "begin": -1, "end": -1})
+        found = [{"entity": entity, "type": etype, "begin": b, "end": e}
+                 for b, e, _ in mention_spans(text, [(entity, etype)])]
+        spans += found or [{"entity": entity, "type": etype, "begin": -1, "end": -1}]
     return spans
 
 
@@ -169,7 +164,7 @@ def main(argv=None):
         if "answer" in rec:
             print(f"真实 >>>  {rec['answer']}")
     if cfg.output_file:
-        atomic_write_text(cfg.output_file, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results))
+        write_jsonl(cfg.output_file, results)
         print(f"wrote {cfg.output_file}")
     return results
 

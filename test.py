@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from config_utils import ConfigError, parse_config, run_cli
-from dataset import QUERY_PREFIX, DataError, atomic_write_text, columns_of, load_data, read_text
+from dataset import QUERY_PREFIX, DataError, atomic_write_text, columns_of, load_data, read_text, write_jsonl
 from metrics import format_table, mention_spans, parse_answer, score, score_mentions
 from model_utils import (
     INFER_DEFAULTS,
@@ -118,7 +118,7 @@ def main(argv=None):
                          "bad_lines": len(pred.bad_lines)})
         rows.append({"text": text, "answer": rec[answer_col], "output": output,
                      "entities": [list(e) for e in pred.entities], "bad_lines": pred.bad_lines})
-    atomic_write_text(out_dir / "predictions.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    write_jsonl(out_dir / "predictions.jsonl", rows)
     metrics = score(examples, label_names)
     for ex, gold, sentence_spans in zip(examples, golds, spans or [None] * len(examples)):
         # Without ori_data, every occurrence of each gold string stands in for its spans.
