@@ -283,3 +283,33 @@ def test_fresh_start_refuses_then_clears_an_earlier_runs_checkpoints(tmp_path, t
     assert (tmp_path / "checkpoint-1000").is_dir()
     prepare_save_dir(parse_config(TRAIN_DEFAULTS, {**options, "overwrite": True}))
     assert not (tmp_path / "checkpoint-1000").exists() and not (tmp_path / "checkpoints").exists()
+
+
+# ------------------------------------------------------------- sentences without entities
+
+def test_keep_no_entity_keeps_every_entity_sentence_and_a_seeded_share_of_the_rest():
+    from train_core import keep_no_entity
+    records = [{"answer": f"城市{i}_地名" if i % 4 == 0 else "没有", "id": i} for i in range(2000)]
+    with_entities = [r for r in records if r["answer"] != "没有"]
+    kept = keep_no_entity(records, 0.5, "answer", seed=7)
+    assert [r for r in kept if r["answer"] != "没有"] == with_entities
+    assert [r["id"] for r in kept] == sorted(r["id"] for r in kept)  # file order
+    none = sum(r["answer"] == "没有" for r in kept)
+    assert abs(none - 750) < 4 * (1500 * 0.25) ** 0.5  # binomial(1500, 0.5): mean 750, sd 19
+    assert keep_no_entity(records, 0.5, "answer", seed=7) == kept
+    assert keep_no_entity(records, 0.5, "answer", seed=8) != kept
+    assert keep_no_entity(records, 0.0, "answer", seed=7) == with_entities
+    assert keep_no_entity(records, 1.0, "answer", seed=7) == records
+
+
+def test_no_entity_fraction_trains_on_the_sentences_with_entities(tmp_path, tiny_model, train16, capsys):
+    answers = [json.loads(line)["answer"] for line in train16.read_text(encoding="utf-8").splitlines()]
+    none = answers.count("没有")
+    assert 0 < none < len(answers)
+    save_dir = tmp_path / "run"
+    load_script("train_trainer").main(as_argv({"model_dir": tiny_model, "train_path": train16, "dev_path": "",
+                                               "save_dir": save_dir, "max_steps": 1, "no_entity_fraction": 0}))
+    out = capsys.readouterr().out
+    assert f"{none} of the {len(answers)} training sentences left out" in out
+    assert f"train {len(answers) - none} examples" in out
+    assert json.loads((save_dir / "train_args.json").read_text())["no_entity_fraction"] == 0
