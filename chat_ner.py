@@ -62,24 +62,34 @@ def parse_args(argv=None):
     return args
 
 
+def _split(text):
+    """(cleaned text, (instruction, sentence) if it is an NER input `[instruction]文本：<sentence>`
+    else None): one reading for the prompt and for grounding, so both see the same sentence."""
+    text = text.strip().removeprefix("\ufeff").strip()
+    if QUERY_PREFIX not in text:
+        return text, None
+    instruct, _, sentence = text.partition(QUERY_PREFIX)
+    return text, (instruct.strip(), sentence.strip())
+
+
 def prompt_ids(tokenizer, text, with_prompt, default_instruct=None, style="alpaca"):
     """Token ids for one input. `<instruction>文本：<sentence>` is split as training joined it (a bare
     `文本：<sentence>` gets `default_instruct`); any other text is the whole instruction."""
-    text = text.strip().removeprefix("\ufeff").strip()
+    text, ner = _split(text)
     if not with_prompt:
         bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
         return bos + tokenizer.encode(text, add_special_tokens=False)
-    if QUERY_PREFIX in text:
-        instruct, _, sentence = text.partition(QUERY_PREFIX)
-        return encode_prompt(tokenizer, instruct.strip() or default_instruct or DEFAULT_INSTRUCT,
-                             QUERY_PREFIX + sentence.strip(), style)
+    if ner:
+        instruct, sentence = ner
+        return encode_prompt(tokenizer, instruct or default_instruct or DEFAULT_INSTRUCT, QUERY_PREFIX + sentence,
+                             style)
     return encode_prompt(tokenizer, text, style=style)
 
 
 def ner_sentence(text):
     """The sentence of an NER input (`[instruction]文本：<sentence>`), else None."""
-    text = text.strip().removeprefix("\ufeff").strip()
-    return text.partition(QUERY_PREFIX)[2].strip() if QUERY_PREFIX in text else None
+    ner = _split(text)[1]
+    return ner[1] if ner else None
 
 
 class Chat:

@@ -382,14 +382,16 @@ class GroundedLogitsProcessor(LogitsProcessor):
             if not rows:
                 return scores
         k = min(self.candidates, scores.shape[1])
-        top = torch.topk(scores[rows], k, dim=1).indices.tolist()
+        # Scores travel to the host once per step with their ids (one read per token would be one
+        # device sync each on a GPU); the greedy tie check compares these floats.
+        top = torch.topk(scores[rows], k, dim=1)
+        # Mid-answer, the model's own first choice decides (MID_ANSWER): when it breaks the
+        # grammar, the answer ends (below) rather than taking a less likely token.
+        strict = MID_ANSWER is not None and done and self.greedy
         keep_rows, keep_cols = [], []
-        for r, order in zip(rows, top):
+        for r, order, values in zip(rows, top.indices.tolist(), top.values.tolist()):
             grammar, state = self.grammars[r], self.states[r]
-            row_scores = _RowScores(scores, r)
-            # Mid-answer, the model's own first choice decides (MID_ANSWER): when it breaks the
-            # grammar, the answer ends (below) rather than taking a less likely token.
-            strict = MID_ANSWER is not None and done and self.greedy
+            row_scores = dict(zip(order, values))
             allowed = self._allowed(grammar, state, order[:MID_ANSWER] if strict else order, row_scores, left)
             if not allowed and strict and not self.over_budget:
                 # Mid-answer, every likely token breaks the grammar: the model is inventing a
@@ -402,8 +404,9 @@ class GroundedLogitsProcessor(LogitsProcessor):
                 # The wider scan (the answer's first token, or a line to close before the budget
                 # runs out): the tokens this row can ever allow, most likely first.
                 ids = grammar.relevant_ids(state, scores.device)
-                rest = ids[torch.argsort(scores[r, ids], descending=True)].tolist()
-                allowed = self._allowed(grammar, state, rest, row_scores, left)
+                values, where = torch.sort(scores[r, ids], descending=True)
+                rest = ids[where].tolist()
+                allowed = self._allowed(grammar, state, rest, dict(zip(rest, values.tolist())), left)
             if not allowed:
                 allowed = [self.vocab.eos_id]  # nothing fits: end here; Grammar.finish drops a partial line
             keep_rows += [r] * len(allowed)
@@ -417,16 +420,6 @@ class GroundedLogitsProcessor(LogitsProcessor):
             scores[rows] = -INF
         scores[idx_r, idx_c] = kept
         return scores
-
-
-class _RowScores:
-    """Lazy float access to one row of the scores (ties are rare; most rows read one value)."""
-
-    def __init__(self, scores, row):
-        self.scores, self.row = scores, row
-
-    def __getitem__(self, tok):
-        return float(self.scores[self.row, tok])
 
 
 def make_processor(tokenizer, grounding, rows, max_new_tokens, candidates=CANDIDATES, greedy=True):

@@ -124,12 +124,12 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
 
-def dtype_from_name(name, key="dtype"):
+def dtype_from_name(name):
     """A dtype name -> torch dtype; "auto" (or empty) -> None, for the caller to decide."""
     if name in (None, "", "auto"):
         return None
     if name not in DTYPES:
-        raise ModelLoadError(f"config key '{key}': unknown dtype '{name}'; use one of auto, {', '.join(DTYPES)}")
+        raise ModelLoadError(f"config key 'dtype': unknown dtype '{name}'; use one of auto, {', '.join(DTYPES)}")
     return DTYPES[name]
 
 
@@ -144,6 +144,15 @@ def resolve_dtype(dtype="auto", device="cpu"):
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     return torch.float32
+
+
+def meta_model(model_dir, trust_remote_code=False):
+    """The model built from its config on the meta device: its modules and shapes, no weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 
 
 def model_type_of(model_dir):
@@ -394,6 +403,14 @@ def generate(model, tokenizer, prompts, max_new_tokens=64, batch_size=8, progres
         # Keep BOS and the end of the prompt (the "### Response:" part the answer follows).
         prompts = [p if len(p) <= max_prompt_tokens else p[:1] + p[len(p) - max_prompt_tokens + 1:] for p in prompts]
     shared = shared_prefix_length(prompts) if prefix_cache else 0
+    if grounding is not None:
+        from transformers import LogitsProcessorList
+
+        import grounding as grounding_module
+
+        # Sampling draws among the allowed tokens of the top candidates: at least top_k of them.
+        candidates = max(grounding_module.CANDIDATES, gen_config.top_k or 0) if gen_config.do_sample \
+            else grounding_module.CANDIDATES
     prefix_kv = None
     if shared:
         prefix = torch.tensor([prompts[0][:shared]], device=device)
@@ -417,13 +434,6 @@ def generate(model, tokenizer, prompts, max_new_tokens=64, batch_size=8, progres
             extra["cache"] = cache
         processor = None
         if grounding is not None:
-            from transformers import LogitsProcessorList
-
-            import grounding as grounding_module
-
-            # Sampling draws among the allowed tokens of the top candidates: at least top_k of them.
-            candidates = max(grounding_module.CANDIDATES, gen_config.top_k or 0) if gen_config.do_sample \
-                else grounding_module.CANDIDATES
             processor = grounding_module.make_processor(tokenizer, grounding, batch, max_new_tokens, candidates,
                                                         greedy=not gen_config.do_sample)
             extra["logits_processor"] = LogitsProcessorList([processor])

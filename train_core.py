@@ -25,7 +25,8 @@ import torch
 from config_utils import ConfigError, UserError
 from dataset import (COLUMN_DEFAULTS, DEFAULT_LABEL_NAMES, NO_ENTITY, PROMPT_STYLES, EncodedDataset, NerCollate,
                      atomic_write_text, check_prompt_style, columns_of, load_data, read_data_info)
-from model_utils import TRAIN_ARGS_FILE, check_model_dir, load_model_and_tokenizer, load_tokenizer, resolve_dtype
+from model_utils import (TRAIN_ARGS_FILE, check_model_dir, load_model_and_tokenizer, load_tokenizer, meta_model,
+                         resolve_dtype)
 
 ADAPTER_DIR = "adapter_model"  # finetuning=lora: <save_dir>/adapter_model/ (adapter + tokenizer + train_args.json)
 MODEL_DIR = "model"  # finetuning=full: <save_dir>/model/ (whole model, loadable wherever an adapter folder is)
@@ -377,11 +378,7 @@ def load_training_tokenizer(cfg):
 def linear_module_names(model_dir, trust_remote_code=False):
     """Names (last part) of the model's linear layers, from its config alone: the model is built on
     the meta device, which allocates no weights, so this takes a moment even for 7B."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    with torch.device("meta"):
-        config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    model = meta_model(model_dir, trust_remote_code)
     return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
 
 
@@ -401,6 +398,8 @@ def build_model(cfg, tokenizer=None):
 
     set_seed(cfg.seed)  # LoRA's A matrices are drawn here: the same seed gives the same run
     torch_dtype, _ = training_dtype(cfg)
+    if cfg.finetuning == "full":
+        torch_dtype = torch.float32  # every weight is trained: master weights in fp32 (see below)
     model, tokenizer = load_model_and_tokenizer(
         cfg.model_dir, tokenizer_path=cfg.tokenizer_path, dtype=torch_dtype, device="cpu", is_trainable=True,
         tokenizer=tokenizer, trust_remote_code=cfg.trust_remote_code,
@@ -411,8 +410,6 @@ def build_model(cfg, tokenizer=None):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     if cfg.finetuning == "full":
-        model.requires_grad_(True)
-        model.float()  # every weight is trained: master weights in fp32 (see below)
         return model, tokenizer
     lora_config = LoraConfig(
         r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
@@ -520,6 +517,14 @@ def report_engine(engine):
     }
     print("deepspeed engine: " + json.dumps(values), flush=True)
     return values
+
+
+def finish_run(model, tokenizer, cfg, log_history):
+    """Main process, after the last step: the export, its log history and loss curve."""
+    out = export_trained(model, tokenizer, cfg)
+    write_json(out / "log_history.json", log_history)
+    plot_loss_curve(log_history, out / "loss_curve.png")
+    print(f"{'model' if cfg.finetuning == 'full' else 'adapter'} written to {out}")
 
 
 def plot_loss_curve(log_history, path):

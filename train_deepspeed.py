@@ -21,10 +21,9 @@ import torch
 from config_utils import ConfigError, parse_config, run_cli
 from dataset import length_grouped_indices
 from train_core import (
-    TRAIN_DEFAULTS, batch_loss, build_datasets, build_model, check_zero_stage, export_trained,
-    load_checkpoint_file, load_datasets_checked, load_training_tokenizer, lr_schedule, output_dir, plot_loss_curve,
-    prepare_save_dir, report_engine, resolve_resume, save_dir_lock, start_run, training_dtype,
-    validate_train_config, write_json,
+    TRAIN_DEFAULTS, batch_loss, build_datasets, build_model, check_zero_stage, export_trained, finish_run,
+    load_checkpoint_file, load_datasets_checked, load_training_tokenizer, lr_schedule, output_dir, prepare_save_dir,
+    report_engine, resolve_resume, save_dir_lock, start_run, training_dtype, validate_train_config,
 )
 
 CHECKPOINTS = "checkpoints"  # engine checkpoints live in <save_dir>/checkpoints/global_step<N>/
@@ -287,11 +286,8 @@ def train(cfg, train_records, dev_records):
                 break
     bar.close()
     if rank == 0:
-        out = export_trained(engine.module, tokenizer, cfg)  # stages 0-2: weights are whole, no gather
-        write_json(out / "log_history.json", log_history)
-        plot_loss_curve(log_history, out / "loss_curve.png")
+        finish_run(engine.module, tokenizer, cfg, log_history)  # stages 0-2: weights are whole, no gather
         writer.close()
-        print(f"{'model' if cfg.finetuning == 'full' else 'adapter'} written to {out}")
     torch.distributed.barrier()
     return str(output_dir(cfg))
 

@@ -18,10 +18,9 @@ import torch
 
 from config_utils import ConfigError, parse_config, run_cli
 from train_core import (
-    TRAIN_DEFAULTS, batch_loss, build_datasets, build_model, check_zero_stage, export_trained,
-    latest_trainer_checkpoint, load_datasets_checked, load_training_tokenizer, output_dir, plot_loss_curve,
-    prepare_save_dir, report_engine, resolve_resume, save_dir_lock, start_run, training_dtype, validate_train_config,
-    verify_deepspeed_checkpoint, write_json,
+    TRAIN_DEFAULTS, batch_loss, build_datasets, build_model, check_zero_stage, finish_run, latest_trainer_checkpoint,
+    load_datasets_checked, load_training_tokenizer, output_dir, prepare_save_dir, report_engine, resolve_resume,
+    save_dir_lock, start_run, training_dtype, validate_train_config, verify_deepspeed_checkpoint,
 )
 
 DEFAULTS = {
@@ -138,10 +137,7 @@ def train(cfg, train_records, dev_records):
     if trainer.is_world_process_zero():
         if trainer.is_deepspeed_enabled:
             report_engine(trainer.model_wrapped)
-        out = export_trained(trainer.model, tokenizer, cfg)
-        write_json(out / "log_history.json", trainer.state.log_history)
-        plot_loss_curve(trainer.state.log_history, out / "loss_curve.png")
-        print(f"{'model' if cfg.finetuning == 'full' else 'adapter'} written to {out}")
+        finish_run(trainer.model, tokenizer, cfg, trainer.state.log_history)
     trainer.accelerator.wait_for_everyone()
     return str(output_dir(cfg))
 

@@ -33,6 +33,7 @@ import torch  # noqa: E402
 
 from config_utils import parse_config, run_cli  # noqa: E402
 from dataset import load_data  # noqa: E402
+from model_utils import meta_model, resolve_dtype  # noqa: E402
 
 DEFAULTS = {
     "model_dir": "",  # "" = a random LLaMA of `shape`, built with tokenizer_dir's tokenizer
@@ -271,7 +272,7 @@ def peak_flops(dtype):
             if key in name:
                 return flops, f"{name} datasheet dense bf16"
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dt = torch.bfloat16 if device == "cuda" else torch.float32
+    dt = resolve_dtype(dtype, device)
     n = 2048
     a, b = torch.randn(n, n, device=device, dtype=dt), torch.randn(n, n, device=device, dtype=dt)
     best = float("inf")
@@ -288,13 +289,9 @@ def peak_flops(dtype):
 
 def model_shape(model_dir):
     """(matmul weights N, layers L, hidden d), from the config on the meta device (no weights)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(model_dir)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+    model = meta_model(model_dir)
     n = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
-    return n, config.num_hidden_layers, config.hidden_size
+    return n, model.config.num_hidden_layers, model.config.hidden_size
 
 
 def flops_per_token(shape, context, training):

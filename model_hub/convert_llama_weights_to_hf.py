@@ -31,7 +31,7 @@ from model_utils import dtype_from_name  # noqa: E402
 from model_hub._llama_layout import (  # noqa: E402
     IGNORED_TENSORS, ModelHubError, check_output_dir, dtype_name, has_tokenizer,
     load_torch_file, meta_to_hf_permute, parse_size, plan_shards, prepare_output_dir,
-    read_json, save_shard, shard_file_name, tensor_table, write_index,
+    read_json, save_shard, shard_file_name, tensor_table, write_index, write_json,
 )
 
 TOKENIZER_ONLY = "tokenizer_only"
@@ -102,7 +102,6 @@ def load_tokenizer(tokenizer_dir):
 
 
 def write_tokenizer(tokenizer, tokenizer_dir, output_dir):
-    import json
     import shutil
 
     # LLaMA's tokenizer starts every text with BOS (the original conversion writes
@@ -110,9 +109,9 @@ def write_tokenizer(tokenizer, tokenizer_dir, output_dir):
     tokenizer.add_bos_token, tokenizer.add_eos_token = True, False
     tokenizer.save_pretrained(str(output_dir))
     config_file = Path(output_dir) / "tokenizer_config.json"
-    config = json.loads(config_file.read_text(encoding="utf-8"))
+    config = read_json(config_file)
     config.update(add_bos_token=True, add_eos_token=False)
-    config_file.write_text(json.dumps(config, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    write_json(config_file, config)
     if (tokenizer_dir / "tokenizer.model").is_file():
         # SentencePiece users (and Meta's own code) read the original model file.
         shutil.copyfile(tokenizer_dir / "tokenizer.model", Path(output_dir) / "tokenizer.model")
