@@ -16,7 +16,8 @@ import os
 import sys
 
 from config_utils import ConfigError, UserError, parse_config, run_cli
-from dataset import DEFAULT_INSTRUCT, QUERY_PREFIX, atomic_write_text, check_prompt_style, encode_prompt, read_text
+from dataset import (DEFAULT_INSTRUCT, QUERY_PREFIX, atomic_write_text, check_prompt_style, encode_prompt, encode_text,
+                     read_text)
 
 BANNER = """+ 该模式下仅支持单轮问答，无多轮对话能力。空行、Ctrl-D 或 Ctrl-C 退出。
 + This mode only supports single-turn QA. An empty line, Ctrl-D or Ctrl-C quits.
@@ -78,7 +79,7 @@ def prompt_ids(tokenizer, text, with_prompt, default_instruct=None, style="alpac
     text, ner = _split(text)
     if not with_prompt:
         bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
-        return bos + tokenizer.encode(text, add_special_tokens=False)
+        return bos + encode_text(tokenizer, text)
     if ner:
         instruct, sentence = ner
         return encode_prompt(tokenizer, instruct or default_instruct or DEFAULT_INSTRUCT, QUERY_PREFIX + sentence,

@@ -39,6 +39,11 @@ DEFAULT_INSTRUCT = (
 )
 QUERY_PREFIX = "文本："
 NO_ENTITY = "没有"  # the whole answer when a sentence has no entity
+# The one line break of an answer: format_answer joins lines with it, metrics.parse_answer and
+# the grounded-decoding grammar split on it and on nothing else (not on \r, U+2028 or the other
+# breaks str.splitlines knows), so an entity may hold any other character of its sentence.
+LINE_BREAK = "\n"
+ENTITY_END = "_"  # ends an answer line's entity; the type name follows it
 # Tag type -> the Chinese name used in answers. process.py takes a different map as config.
 DEFAULT_LABEL_NAMES = {"PER": "人名", "LOC": "地名", "ORG": "机构名"}
 # process.py writes {"label_names": {type: name}, "instruct": ...} beside the instruct files;
@@ -73,6 +78,36 @@ class TooLongError(ValueError):
     """Template, instruction and answer alone exceed max_seq_length (the query cannot shrink enough)."""
 
 
+def label_name_problem(name):
+    """Why `name` cannot be a type name in answers (None when it can): an answer line is
+    `<entity>_<name>`, split on its last `_`, and a name is compared after stripping spaces."""
+    if not isinstance(name, str) or not name:
+        return "it is empty"
+    if ENTITY_END in name:
+        return f"it contains '{ENTITY_END}', which ends an answer line's entity"
+    if LINE_BREAK in name:
+        return "it contains a line break, which ends an answer line"
+    if name != name.strip():
+        return "it starts or ends with a space"
+    return None
+
+
+def check_label_names(names, where):
+    """{type code: name} usable in answers: non-empty, unique, each name generable unambiguously;
+    else one line naming `where` (a config key or a file)."""
+    if not isinstance(names, dict) or not names:
+        raise DataError(f"{where}: 'label_names' must be an object of non-empty type -> name strings")
+    seen = set()
+    for code, name in names.items():
+        problem = "the type code is empty" if not isinstance(code, str) or not code else label_name_problem(name)
+        if problem is None and name in seen:
+            problem = "it is used for two types"
+        if problem:
+            raise DataError(f"{where}: label name {name!r} (type {code!r}) cannot be used: {problem}")
+        seen.add(name)
+    return names
+
+
 def ner_instruct(label_names):
     """The NER instruction for a label set; DEFAULT_LABEL_NAMES gives DEFAULT_INSTRUCT exactly."""
     names = "、".join(label_names.values())
@@ -88,10 +123,7 @@ def read_data_info(data_path):
         info = json.loads(read_text(path))
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-    names = info.get("label_names") if isinstance(info, dict) else None
-    if not isinstance(names, dict) or not names or not all(
-            isinstance(k, str) and isinstance(v, str) and k and v for k, v in names.items()):
-        raise DataError(f"{path}:1: 'label_names' must be an object of non-empty type -> name strings")
+    check_label_names(info.get("label_names") if isinstance(info, dict) else None, f"{path}:1")
     return info
 
 
@@ -142,6 +174,15 @@ def write_jsonl(path, rows):
     atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
+def _render_chat(tokenizer, instruction):
+    user = {"role": "user", "content": instruction}
+    try:
+        return tokenizer.apply_chat_template([{"role": "system", "content": DEFAULT_SYSTEM}, user],
+                                             tokenize=False, add_generation_prompt=True)
+    except Exception:  # templates without a system role (Mistral's) raise on one: the user turn alone
+        return tokenizer.apply_chat_template([user], tokenize=False, add_generation_prompt=True)
+
+
 def build_prompt(instruct, query=None, style="alpaca", tokenizer=None):
     """The prompt text for one example; the model's answer follows it directly.
 
@@ -154,22 +195,49 @@ def build_prompt(instruct, query=None, style="alpaca", tokenizer=None):
     if style == "llama2_chat":
         return LLAMA2_CHAT_TEMPLATE.format(system=DEFAULT_SYSTEM, instruction=instruction)
     check_prompt_style(style, tokenizer)
-    user = {"role": "user", "content": instruction}
-    try:
-        return tokenizer.apply_chat_template([{"role": "system", "content": DEFAULT_SYSTEM}, user],
-                                             tokenize=False, add_generation_prompt=True)
-    except Exception:  # templates without a system role (Mistral's) raise on one: the user turn alone
-        return tokenizer.apply_chat_template([user], tokenize=False, add_generation_prompt=True)
+    return _render_chat(tokenizer, instruction)
+
+
+def encode_text(tokenizer, text):
+    """Token ids of user text (an instruction, a sentence, an answer) as text: `</s>`, `<s>`,
+    `<unk>` or `<|im_end|>` typed in a sentence are characters, never the control tokens
+    themselves (else a sentence could end its own prompt, or an entity hold EOS)."""
+    return tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
+
+
+_SPECIAL_TEXTS = {}  # id(tokenizer) -> the texts its tokenizer would read as special or added tokens
+
+
+def _special_texts(tokenizer):
+    key = id(tokenizer)
+    if key not in _SPECIAL_TEXTS:
+        added = [t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values()]
+        _SPECIAL_TEXTS[key] = tuple(t for t in dict.fromkeys(added + list(tokenizer.all_special_tokens)) if t)
+    return _SPECIAL_TEXTS[key]
 
 
 def encode_prompt(tokenizer, instruct, query=None, style="alpaca"):
     """The prompt's token ids: what inference feeds the model, and the prompt part of a training
     sequence (the collator builds its sequences with this same function). The alpaca and
-    llama2_chat texts start with BOS; a chat template writes its own start tokens, if any."""
-    text = build_prompt(instruct, query, style, tokenizer)
-    if style == "chat_template":
-        return tokenizer.encode(text, add_special_tokens=False)
-    return [tokenizer.bos_token_id] + tokenizer.encode(text, add_special_tokens=False)
+    llama2_chat texts start with BOS and hold no control tokens, so the whole text is encoded
+    as text; a chat template writes its own start and turn tokens, which stay control tokens
+    while the user's part inside it is encoded as text."""
+    if style != "chat_template":
+        return [tokenizer.bos_token_id] + encode_text(tokenizer, build_prompt(instruct, query, style, tokenizer))
+    check_prompt_style(style, tokenizer)
+    instruction = instruct if query is None else f"{instruct}\n{query}"
+    if not any(t in instruction for t in _special_texts(tokenizer)):
+        return tokenizer.encode(_render_chat(tokenizer, instruction), add_special_tokens=False)
+    # The user's text holds what reads as a control token: render the template around a marker
+    # and encode the two sides as the template's, the user's part as text.
+    marker = "\x00user-text\x00"
+    rendered = _render_chat(tokenizer, marker)
+    if rendered.count(marker) != 1:
+        raise PromptError(f"the chat template of {getattr(tokenizer, 'name_or_path', 'this tokenizer')} does not "
+                          f"write the user's text once, verbatim; use prompt_style alpaca or llama2_chat")
+    before, after = rendered.split(marker)
+    return (tokenizer.encode(before, add_special_tokens=False) + encode_text(tokenizer, instruction)
+            + tokenizer.encode(after, add_special_tokens=False))
 
 
 def format_answer(entities, label_names=None):
@@ -180,8 +248,8 @@ def format_answer(entities, label_names=None):
         if (entity, etype) in seen:
             continue
         seen.add((entity, etype))
-        lines.append(f"{entity}_{label_names[etype]}")
-    return "\n".join(lines) if lines else NO_ENTITY
+        lines.append(f"{entity}{ENTITY_END}{label_names[etype]}")
+    return LINE_BREAK.join(lines) if lines else NO_ENTITY
 
 
 def load_data(path, columns=tuple(COLUMN_DEFAULTS.values()), allow_empty=False, line_numbers=False):
@@ -234,7 +302,7 @@ class PromptEncoder:
                             f"{self.prompt_style} prompt (a chat_template prompt needs EOS only)")
 
     def _ids(self, text):
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        return encode_text(self.tokenizer, text)
 
     def prompt_ids(self, instruct, query):
         return encode_prompt(self.tokenizer, instruct, query, self.prompt_style)

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 from transformers import LogitsProcessor
 
-from dataset import NO_ENTITY, QUERY_PREFIX
+from dataset import ENTITY_END, LINE_BREAK, NO_ENTITY, QUERY_PREFIX, label_name_problem
 
 INF = float("inf")
 CANDIDATES = 24  # top tokens (by logit) checked first; the wider scan only runs when none fits
@@ -45,6 +45,7 @@ CANDIDATES = 24  # top tokens (by logit) checked first; the wider scan only runs
 # R 0.27); top 3, 0.387; any of the top 24, 0.363 (P 0.36: it swaps in other types and strings).
 MID_ANSWER = 1  # None: any allowed token of the top CANDIDATES, then the wider scan (tests use it)
 _NO_ENTITY = NO_ENTITY.encode()
+_BREAK, _END = LINE_BREAK.encode(), ENTITY_END.encode()  # the answer's line break and entity end, as bytes
 _BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 _VOCABS = weakref.WeakKeyDictionary()  # tokenizer -> _Vocab
 
@@ -102,7 +103,7 @@ class _Vocab:
         self.prefixes = {data[:k] for data in self.spellings for k in range(1, len(data) + 1)}
         # Tokens that may carry a line break, a separator or only spaces: candidates in any row.
         self.structural = [i for i, data in enumerate(self.token_bytes)
-                           if data and (b"_" in data or b"\n" in data or not data.strip(b" "))]
+                           if data and (_END in data or _BREAK in data or not data.strip(b" "))]
         self.eos_id = tokenizer.eos_token_id
         self._cost, self._fixed = {}, {}
 
@@ -172,16 +173,17 @@ class Grammar:
         self.sentence = sentence.encode()
         self.names = [(name, name.encode()) for name in label_names.values()]
         for name, _ in self.names:
-            if not name or "_" in name or "\n" in name or name != name.strip():
-                raise ValueError(f"label name {name!r} cannot be generated unambiguously")
-        self.close_cost = {name: vocab.mincost(b"_" + raw) for name, raw in self.names}
+            problem = label_name_problem(name)
+            if problem:
+                raise ValueError(f"label name {name!r} cannot be generated unambiguously: {problem}")
+        self.close_cost = {name: vocab.mincost(_END + raw) for name, raw in self.names}
         cheapest_close = min(self.close_cost.values())
         chars = {c for c in sentence if not c.isspace()}
         self.new_line_cost = min((vocab.mincost(c.encode()) for c in chars), default=INF) + cheapest_close
         self.start = (b"", 0, frozenset(), False)
         # Every token this grammar can ever allow is in here (a superset): parts of the sentence,
         # of the type names and of `没有`, tokens with `_`, a newline or only spaces, and EOS.
-        fixed = b"\n".join([_NO_ENTITY] + [raw for _, raw in self.names])
+        fixed = _BREAK.join([_NO_ENTITY] + [raw for _, raw in self.names])
         self._fixed = vocab.fixed_ids(fixed)
         self._relevant = self._relevant_ids = None  # built on first use (most rows never need them)
 
@@ -265,7 +267,7 @@ class Grammar:
             return best if lines == 0 else self.new_line_cost
         if self.sentence.find(line) >= 0:
             best = min(best, self._entity_cost(line, seen))
-        cut = line.rfind(b"_")
+        cut = line.rfind(_END)
         if cut > 0:
             entity = self._entity(line[:cut])
             if entity is not None:
@@ -277,7 +279,7 @@ class Grammar:
 
     def _pair(self, line, seen):
         """The (entity, name) a complete, new line holds, else None."""
-        cut = line.rfind(b"_")
+        cut = line.rfind(_END)
         if cut <= 0:
             return None
         entity = self._entity(line[:cut])
@@ -290,7 +292,7 @@ class Grammar:
     def step(self, state, data):
         """The state after the bytes `data`, or None where they break the grammar."""
         line, lines, seen, spaced = state
-        for k, piece in enumerate(data.split(b"\n")):
+        for k, piece in enumerate(data.split(_BREAK)):
             if k:
                 pair = self._pair(line, seen)
                 if pair is None:
@@ -311,12 +313,12 @@ class Grammar:
         if state is not None and self.cost(state) == 0:
             return text
         kept = []
-        for line in text.split("\n"):
-            state = self.step(self.start, "\n".join(kept + [line]).encode())
+        for line in text.split(LINE_BREAK):
+            state = self.step(self.start, LINE_BREAK.join(kept + [line]).encode())
             if state is None or self.cost(state) != 0:
                 break
             kept.append(line)
-        return "\n".join(kept).strip() or NO_ENTITY
+        return LINE_BREAK.join(kept).strip() or NO_ENTITY
 
 
 class GroundedLogitsProcessor(LogitsProcessor):

@@ -11,11 +11,7 @@ that explain the errors; `format_table` prints them.
 """
 from dataclasses import dataclass, field
 
-from dataset import DEFAULT_LABEL_NAMES, NO_ENTITY
-
-# Text an untrimmed generation may still carry after the answer; everything from it on is
-# dropped, since what follows the end-of-sequence marker is not part of the answer.
-EOS_TEXTS = ("</s>",)
+from dataset import DEFAULT_LABEL_NAMES, ENTITY_END, LINE_BREAK, NO_ENTITY
 
 
 @dataclass
@@ -34,22 +30,21 @@ def _type_lookup(label_names):
 def parse_answer(text, label_names=None):
     """Generated answer text -> ParsedAnswer.
 
-    Each line is split on its LAST "_" so entities that contain "_" survive; a line that is
-    exactly NO_ENTITY means "no entity here" and is not an error.
+    Lines are split on LINE_BREAK alone, as the grammar of grounded decoding splits them (an
+    entity may hold a \\r or U+2028 of its sentence). Each line is split on its LAST "_" so
+    entities that contain "_" survive; a line that is exactly NO_ENTITY means "no entity here"
+    and is not an error. Generated text never holds an end-of-sequence token (generation stops
+    at its id), so `</s>` in an answer is text like any other.
     """
     label_names = DEFAULT_LABEL_NAMES if label_names is None else label_names
     lookup = _type_lookup(label_names)
     text = text or ""
-    for eos in EOS_TEXTS:
-        cut = text.find(eos)
-        if cut != -1:
-            text = text[:cut]
     entities, bad_lines, seen = [], [], set()
-    for raw in text.splitlines():
+    for raw in text.split(LINE_BREAK):
         line = raw.strip()
         if not line or line == NO_ENTITY:
             continue
-        entity, sep, type_name = line.rpartition("_")
+        entity, sep, type_name = line.rpartition(ENTITY_END)
         entity, type_name = entity.strip(), type_name.strip()
         if not sep or not entity or type_name not in lookup:
             bad_lines.append(line)

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from config_utils import ConfigError, UserError
-from dataset import DEFAULT_LABEL_NAMES, PROMPT_STYLES, PromptEncoder, TooLongError, ner_instruct, read_data_info
+from dataset import (DEFAULT_LABEL_NAMES, PROMPT_STYLES, PromptEncoder, TooLongError, check_label_names, ner_instruct,
+                     read_data_info)
 
 TRAIN_ARGS_FILE = "train_args.json"
 MODEL_HELP = (
@@ -297,6 +298,8 @@ def read_train_args(lora_model):
         train_args = json.loads(args_file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelLoadError(f"{args_file}: not valid JSON ({e}); it is written by training, restore it from there") from None
+    if "label_names" in train_args:
+        check_label_names(train_args["label_names"], args_file)
     style = train_args.get("prompt_style", "alpaca")
     expected = PROMPT_STYLES.get(style)
     if expected is None or train_args.get("prompt_id", expected) != expected:

@@ -27,7 +27,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from config_utils import ConfigError, parse_config, run_cli
-from dataset import DATA_INFO_FILE, QUERY_PREFIX, DataError, atomic_write_text, format_answer, ner_instruct, read_text
+from dataset import (DATA_INFO_FILE, QUERY_PREFIX, DataError, atomic_write_text, format_answer, label_name_problem,
+                     ner_instruct, read_text)
 
 MSRA_TRAIN_SENTENCES = 50658  # sentences 0..50657 of msra.txt are the standard training text
 
@@ -58,8 +59,8 @@ def parse_label_names(text):
             raise ConfigError(f"config key 'label_names': type {code!r} is given twice")
         if name in names.values() or name in names:
             raise ConfigError(f"config key 'label_names': name {name!r} is used for two types")
-        if "_" in name or "\n" in name:
-            raise ConfigError(f"config key 'label_names': name {name!r} may not contain '_' (it ends an answer line's entity)")
+        if label_name_problem(name):
+            raise ConfigError(f"config key 'label_names': name {name!r} cannot be used: {label_name_problem(name)}")
         names[code] = name
     return names
 

@@ -30,25 +30,31 @@ td,th{border:1px solid #ccc;padding:.2em .6em;text-align:right}th{background:#f3
 .missed{background:#fff;outline:2px dashed #d33}.n{color:#888;font-size:.85em}
 """
 
+# Every string from the data (sentences, entities, type names, error classes) reaches the page
+# through esc() or textContent: nothing the test set or a label set holds can become markup.
+# Offsets are Python's, in code points; JavaScript strings count UTF-16 units, so the text is
+# split into code points (Array.from) before any offset is used.
 SCRIPT = """
 const data = JSON.parse(document.getElementById('sentences').textContent);
 const box = document.getElementById('list');
 const rank = {wrong_type:0, wrong_type_boundary:1, wrong_boundary:2, spurious:3, hallucinated:4, correct:6};
-function esc(s){return s.replace(/[&<>"]/g, c => ({'&':'&amp;','<':'&lt;','>':'&gt;','"':'&quot;'}[c]));}
+function esc(s){return String(s).replace(/[&<>"']/g, c => ({'&':'&amp;','<':'&lt;','>':'&gt;','"':'&quot;',"'":'&#39;'}[c]));}
 for (const [i, [text, gold, pred, hall]] of data.entries()) {
+  const chars = Array.from(text);
+  const part = (b, e) => chars.slice(b, e).join('');
   const cls = new Set(pred.map(p => p[3]).concat(gold.filter(g => g[3] === 'missed').map(() => 'missed'),
                                                   hall.map(() => 'hallucinated')));
   let out = '';
-  for (let c = 0; c < text.length; c++) {
+  for (let c = 0; c < chars.length; c++) {
     const p = pred.filter(m => m[0] <= c && c < m[1]).sort((a, b) => rank[a[3]] - rank[b[3]])[0];
     const g = gold.some(m => m[0] <= c && c < m[1]);
     const k = (p ? p[3] : '') + (g ? ' g' : '');
-    out += k.trim() ? `<span class="${k.trim()}">${esc(text[c])}</span>` : esc(text[c]);
+    out += k.trim() ? `<span class="${esc(k.trim())}">${esc(chars[c])}</span>` : esc(chars[c]);
   }
-  const chip = (t, k, label) => `<span class="chip m ${k}" title="${k}">${esc(t)}·${label}</span>`;
-  const chips = pred.map(m => chip(text.slice(m[0], m[1]), m[3], m[2]))
+  const chip = (t, k, label) => `<span class="chip m ${esc(k)}" title="${esc(k)}">${esc(t)}·${esc(label)}</span>`;
+  const chips = pred.map(m => chip(part(m[0], m[1]), m[3], m[2]))
     .concat(hall.map(h => chip(h[0], 'hallucinated', h[1])))
-    .concat(gold.filter(m => m[3] === 'missed').map(m => chip(text.slice(m[0], m[1]), 'missed', m[2])));
+    .concat(gold.filter(m => m[3] === 'missed').map(m => chip(part(m[0], m[1]), 'missed', m[2])));
   const div = document.createElement('div');
   div.className = 's';
   div.dataset.classes = [...cls].join(' ');
@@ -60,6 +66,14 @@ document.getElementById('filter').addEventListener('change', e => {
     div.classList.toggle('hide', e.target.value !== 'all' && !div.dataset.classes.split(' ').includes(e.target.value));
 });
 """
+
+
+def script_json(value):
+    """JSON safe inside a <script> element whatever its strings hold: `<`, `>` and `&` as \\u
+    escapes, so no `</script>`, `<!--` or `<script` can end or alter the element (JSON.parse
+    reads the escapes back as the characters)."""
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    return text.replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e")
 
 
 def _table(header, rows):
@@ -98,15 +112,15 @@ def write_report(path, metrics, examples):
     errors = mention["errors_per_type"]
     confusion = mention["confusion"]
     labels = list(confusion)
-    options = "".join(f'<option value="{c}">{c}: {CLASS_HELP[c]}</option>' for c in ERROR_CLASSES)
+    options = "".join(f'<option value="{html.escape(c)}">{html.escape(c)}: {html.escape(CLASS_HELP[c])}</option>'
+                      for c in ERROR_CLASSES)
     summary = [
         ["set (distinct entity, type per sentence)", f"{metrics['precision']:.4f}", f"{metrics['recall']:.4f}",
          f"{metrics['f1']:.4f}"],
         ["mention (character spans, as BERT-CRF papers)", f"{mention['precision']:.4f}", f"{mention['recall']:.4f}",
          f"{mention['f1']:.4f}"],
     ]
-    # "</" inside the JSON would end the <script> element early.
-    data = json.dumps(sentence_rows(examples), ensure_ascii=False, separators=(",", ":")).replace("</", "<\\/")
+    data = script_json(sentence_rows(examples))
     corner = "gold \\ predicted"
     page = f"""<!DOCTYPE html>
 <html lang="zh"><head><meta charset="utf-8"><title>NER report: {html.escape(str(metrics.get('test_path', '')))}</title>

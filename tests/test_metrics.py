@@ -29,14 +29,25 @@ def test_parse_strips_spaces_and_skips_blank_lines():
     assert got.bad_lines == []
 
 
-def test_parse_cuts_at_eos_text():
-    # Everything from "</s>" on is not part of the answer, even a well-formed line.
-    got = parse_answer("张三_人名\n北京_地名</s>李四_人名\n乱码")
-    assert got.entities == [("张三", "PER"), ("北京", "LOC")]
+def test_parse_reads_special_token_text_as_text():
+    # Generation stops at the EOS id, so "</s>" in decoded text is a sentence's characters: an
+    # entity like any other (a sentence may hold it), never the end of the answer.
+    got = parse_answer("张三_人名\n</s>_机构名\n北京</s>李四_人名\n乱码")
+    assert got.entities == [("张三", "PER"), ("</s>", "ORG"), ("北京</s>李四", "PER")]
+    assert got.bad_lines == ["乱码"]
+
+
+@pytest.mark.parametrize("line_break", ["\r", "\u2028", "\u2029", "\x85", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e"])
+def test_parse_splits_lines_only_where_the_answer_format_does(line_break):
+    # str.splitlines would cut at each of these; an answer line ends at "\n" only, as the
+    # grammar of grounded decoding has it, so an entity holding one stays one line.
+    entity = f"北{line_break}京"
+    got = parse_answer(f"{entity}_地名\n张三_人名")
+    assert got.entities == [(entity, "LOC"), ("张三", "PER")]
     assert got.bad_lines == []
 
 
-@pytest.mark.parametrize("text", ["没有", " 没有 \n", "没有</s>", "\n没有\n\n", ""])
+@pytest.mark.parametrize("text", ["没有", " 没有 \n", "\n没有\n\n", ""])
 def test_parse_no_entity_is_not_a_bad_line(text):
     assert parse_answer(text) == ParsedAnswer(entities=[], bad_lines=[])
 
@@ -243,7 +254,7 @@ def test_custom_label_names_in_score():
 
 
 def test_score_is_json_serialisable_and_parse_feeds_it():
-    answer = "张三_人名\n北京_地名\n胡言乱语\n</s>"
+    answer = "张三_人名\n北京_地名\n胡言乱语\n"
     parsed = parse_answer(answer)
     examples = [{"text": "张三在北京", "gold": [("张三", "PER"), ("北京", "LOC")],
                  "pred": parsed.entities, "bad_lines": len(parsed.bad_lines)}]
