@@ -15,7 +15,7 @@ import json
 import os
 import sys
 
-from config_utils import ConfigError, UserError, parse_config, run_cli
+from config_utils import ConfigError, UserError, check_writable, parse_config, run_cli
 from dataset import (DEFAULT_INSTRUCT, QUERY_PREFIX, atomic_write_text, check_prompt_style, encode_prompt, encode_text,
                      read_text)
 
@@ -177,9 +177,7 @@ def run(args):
     inputs = None
     if args.data_file:
         inputs = read_inputs(args.data_file)  # checked before the model loads
-        out_dir = os.path.dirname(os.path.abspath(args.predictions_file))
-        if not os.path.isdir(out_dir):
-            raise UserError(f"config key 'predictions_file': folder {out_dir} does not exist")
+        check_writable(args.predictions_file, "predictions_file", folder=False)
     chat = Chat(args)
     if args.interactive:
         interactive(chat)

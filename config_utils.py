@@ -11,6 +11,7 @@ import ast
 import difflib
 import errno
 import io
+import os
 import re
 import sys
 import tokenize
@@ -79,13 +80,24 @@ def parse_value(text):
         return text  # a plain string such as a path
 
 
+# Keys without a typed default are paths; these few also take True (resume: the latest checkpoint).
+PATH_OR_TRUE = {"resume"}
+
+
 def _coerce(key, value, default, raw):
     if value is None:
-        return value
+        if default is None:
+            return value
+        raise ConfigError(f"config key '{key}' needs a {type(default).__name__} value, not None (default {default!r})")
     if default is None:
-        # Keys without a typed default are paths or "path or True" (model_dir, output_dir,
-        # resume): `--output_dir=2024` means the folder 2024, not the number.
-        return raw.strip() if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+        # Keys without a typed default are paths (model_dir, output_dir) or "path or True"
+        # (resume): `--output_dir=2024` means the folder 2024, not the number.
+        if isinstance(value, bool):
+            if key in PATH_OR_TRUE and value:
+                return value
+            raise ConfigError(f"config key '{key}': {raw!r} is not a path" +
+                              (" (True or a path)" if key in PATH_OR_TRUE else ""))
+        return raw.strip() if isinstance(value, (int, float)) else value
     if isinstance(default, bool):
         if isinstance(value, bool):
             return value
@@ -273,6 +285,31 @@ def _write_failure(error):
     return any(text in str(error) for text in _WRITE_FAILURES)
 
 
+def check_writable(path, key, folder=True):
+    """An output location that can be written, checked before any long work: a folder (made if
+    missing) or a file whose folder exists; a probe file is created and removed. One line naming
+    the key otherwise."""
+    import tempfile
+
+    path = Path(path)
+    where = path if folder else path.parent
+    if folder and path.exists() and not path.is_dir():
+        raise ConfigError(f"config key '{key}': {path} is a file, not a folder")
+    if not folder and path.is_dir():
+        raise ConfigError(f"config key '{key}': {path} is a folder; give a file name")
+    try:
+        if folder:
+            path.mkdir(parents=True, exist_ok=True)
+        elif not where.is_dir():
+            raise ConfigError(f"config key '{key}': folder {where} does not exist")
+        fd, probe = tempfile.mkstemp(prefix=".write-check-", dir=where)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ConfigError(f"config key '{key}': cannot write in {where} ({e.strerror or e})") from None
+    return path
+
+
 def require_keys(cfg, *keys):
     """Keys a script cannot run without (their default is ""): one line naming the first missing."""
     for key in keys:
@@ -287,6 +324,10 @@ def run_cli(main):
     that were there before are intact)."""
     try:
         return main()
+    except KeyboardInterrupt:
+        # Outputs are written atomically at the end: an interrupted run left the old files as they were.
+        print("\ninterrupted: nothing more was written (files from before are as they were)", file=sys.stderr)
+        raise SystemExit(130) from None
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -153,11 +153,28 @@ def atomic_write_text(path, text):
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
             f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; outputs are meant to be read by others
+        share_files(tmp)  # mkstemp makes it private; outputs are meant to be read by others
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def share_files(path):
+    """Give `path` (a file, or a folder and everything in it) the permissions any file the user
+    creates gets: 0666 (folders 0777) less the umask. Private temporaries (mkstemp, mkdtemp) and
+    safetensors' own writer make files 0600; every output is meant to be read like the rest."""
+    path, mask = Path(path), _umask()
+    for item in [path, *(path.rglob("*") if path.is_dir() else ())]:
+        if not item.is_symlink():
+            os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~mask)
+    return path
 
 
 def check_prompt_style(style, tokenizer=None):

@@ -9,6 +9,7 @@ is then the model itself. `generate` is batched
 greedy (or sampled) generation with left padding and the KV cache.
 """
 import json
+import pickle
 import sys
 from pathlib import Path
 
@@ -51,6 +52,7 @@ def check_infer_config(cfg):
         if cfg[key] < 1:
             raise ConfigError(f"config key '{key}': {cfg[key]} must be at least 1")
     resolve_dtype(cfg.dtype)
+    check_device(cfg.device)
     if cfg.no_adapter and not cfg.model_dir:
         raise ConfigError("no_adapter=True needs --model_dir=<base model>")
 
@@ -112,6 +114,25 @@ def ner_generate(model, tokenizer, train_args, records, batch_size=16, max_new_t
     outputs = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
                        batch_size=batch_size, progress=progress, grounding=grounding, **generate_options)
     return outputs, shortened
+
+
+def check_device(device):
+    """A device name torch knows and this machine has: one line otherwise (`gpu`, or `cuda` on a
+    CPU build of torch), before anything loads."""
+    if device in (None, "", "auto"):
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"config key 'device': {device!r} is not a device name; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"config key 'device': {device} is not available here (torch {torch.__version__}, "
+                              f"{'no GPU found' if torch.version.cuda else 'a build without CUDA'}); use --device=cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"config key 'device': {device}: this machine has {torch.cuda.device_count()} GPU(s)")
+    elif dev.type != "cpu":
+        raise ConfigError(f"config key 'device': {device!r} is not supported; use auto, cpu, cuda or cuda:N")
 
 
 def resolve_device(device="auto"):
@@ -261,6 +282,12 @@ def apply_adapter(model, lora_model, is_trainable=False):
             )
     try:
         return PeftModel.from_pretrained(model, str(path), is_trainable=is_trainable)
+    except pickle.UnpicklingError:
+        # PEFT reads adapter_model.bin with weights_only=True, which refused what the file holds.
+        raise ModelLoadError(
+            f"adapter '{lora_model}': adapter_model.bin holds pickled objects other than tensors and is not "
+            f"loaded (it could run code); use an adapter saved as adapter_model.safetensors (this project's "
+            f"training writes only those)") from None
     except RuntimeError as e:
         if "size mismatch" not in str(e):
             raise

@@ -11,7 +11,7 @@ into windows at sentence ends; every character is read, and offsets refer to the
 """
 from pathlib import Path
 
-from config_utils import ConfigError, parse_config, run_cli
+from config_utils import ConfigError, check_writable, parse_config, run_cli
 from dataset import COLUMN_DEFAULTS, NO_ENTITY, QUERY_PREFIX, DataError, PromptEncoder, load_data, read_text, write_jsonl
 from metrics import mention_spans, parse_answer
 from model_utils import (INFER_DEFAULTS, check_infer_config, instruct_for, label_names_for, load_from_config,
@@ -21,6 +21,7 @@ DEFAULTS = {
     **INFER_DEFAULTS,
     "text": "",  # one text to analyse; separate several with ||
     "input_file": "",  # one text per line, or instruct JSONL (instruct/query[/answer])
+    "input_format": "auto",  # auto: JSONL when every non-blank line is a JSON object, else text; or text | jsonl
     "limit": 0,  # first N inputs only (0 = all)
     "output_file": "",  # JSONL with entities and their character offsets
     "instruct": "",  # for plain-text inputs; "" = the instruction the adapter was trained with
@@ -28,10 +29,32 @@ DEFAULTS = {
 
 # Where a long text may be cut, best first: sentence ends, then clause breaks, then anywhere.
 BREAKS = ("。！？；!?;\n", "，,、：:", "")
+INPUT_FORMATS = ("auto", "text", "jsonl")
+# A window shorter than this cannot hold most entities (MSRA's longest names run past 10
+# characters): a budget that leaves less is refused, not read one character at a time.
+MIN_WINDOW_CHARS = 16
+
+
+def _is_jsonl(lines):
+    """auto: JSONL when every non-blank line is a JSON object (a text line that starts with `{` is
+    text)."""
+    import json
+
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            if not isinstance(json.loads(line), dict):
+                return False
+        except json.JSONDecodeError:
+            return False
+    return True
 
 
 def read_inputs(cfg, instruct):
     """-> list of instruct records (with 'answer' when the input has one)."""
+    if cfg.input_format not in INPUT_FORMATS:
+        raise ConfigError(f"config key 'input_format': {cfg.input_format!r} is not one of {', '.join(INPUT_FORMATS)}")
     if cfg.text and cfg.input_file:
         raise ConfigError("give --text or --input_file, not both")
     if cfg.text:
@@ -42,9 +65,8 @@ def read_inputs(cfg, instruct):
     if not cfg.input_file:
         raise ConfigError("give --text=... or --input_file=... (one text per line, or instruct JSONL)")
     path = Path(cfg.input_file)
-    lines = read_text(path).splitlines()
-    first = next((line for line in lines if line.strip()), "")
-    if first.lstrip().startswith("{"):
+    lines = read_text(path).split("\n")
+    if cfg.input_format == "jsonl" or cfg.input_format == "auto" and _is_jsonl(lines):
         return load_data(path, columns=tuple(COLUMN_DEFAULTS.values())[:2])  # instruct, query
     records = [{"instruct": instruct, "query": QUERY_PREFIX + line.strip()} for line in lines if line.strip()]
     if not records:
@@ -116,6 +138,11 @@ def windowed(records, tokenizer, train_args, max_new_tokens, context):
     for n, rec in enumerate(records):
         text = rec["query"].removeprefix(QUERY_PREFIX)
         fits = lambda piece, rec=rec: len(collate.prompt_ids(rec["instruct"], QUERY_PREFIX + piece)) <= budget
+        if not fits(text[:MIN_WINDOW_CHARS]):
+            raise ConfigError(
+                f"max_new_tokens={max_new_tokens} leaves fewer than {MIN_WINDOW_CHARS} characters of text per window "
+                f"within max_seq_length={collate.max_seq_length} (the adapter's, from training; the model's context "
+                f"is {context}): lower --max_new_tokens (answers of MSRA need about 64)")
         for start, piece in split_windows(text, fits):
             pieces.append({**rec, "query": QUERY_PREFIX + piece})
             owners.append(n)
@@ -131,8 +158,8 @@ def main(argv=None):
     records = read_inputs(cfg, cfg.instruct or instruct_for(recorded))
     if cfg.limit > 0:
         records = records[:cfg.limit]
-    if cfg.output_file and not Path(cfg.output_file).resolve().parent.is_dir():
-        raise ConfigError(f"config key 'output_file': folder {Path(cfg.output_file).parent} does not exist")
+    if cfg.output_file:
+        check_writable(cfg.output_file, "output_file", folder=False)  # before the model loads
     model, tokenizer, train_args = load_from_config(cfg)
     # Records here use the standard column names whatever the adapter was trained with.
     train_args = {**train_args, **COLUMN_DEFAULTS}

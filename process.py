@@ -42,7 +42,9 @@ DEFAULTS = {
     "instruct": "",  # the instruction before every sentence; "" = the standard one naming label_names
     "dev_size": 1000,  # sentences held out of training for the dev split
     "seed": 42,  # fixes the dev holdout
+    "overwrite": False,  # True: replace a data folder made with another label set or other splits
 }
+SPLITS = ("train", "dev", "test")
 
 _TAG = re.compile(r"^(O|([BIMES])-(\S+))$")
 
@@ -189,6 +191,8 @@ def read_jsonl(path, label_names):
         try:
             rec = json.loads(line)
             text = rec["text"]
+            if not isinstance(text, str) or not isinstance(rec["entity_list"], list):
+                raise DataError(f"{where}: 'text' must be a string and 'entity_list' a list")
             entities = []
             for ent in rec["entity_list"]:
                 b, e = ent["entity_index"]["begin"], ent["entity_index"]["end"]
@@ -267,6 +271,30 @@ def _write_jsonl(path, records):
     return tmp
 
 
+def check_output_folder(out, info, splits, overwrite):
+    """A data folder holds one run's files: the same label set and instruction in data_info.json
+    and no split this run would leave behind (a test.txt of other labels beside a new
+    data_info.json would be scored with the wrong types). Returns the files --overwrite removes."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"config keys 'data_root'/'data_name': {out} is a file, not a folder")
+    stale = [out / sub / f"{name}.txt" for name in SPLITS if name not in splits
+             for sub in ("ori_data", "instruct_data") if (out / sub / f"{name}.txt").is_file()]
+    info_file = out / "instruct_data" / DATA_INFO_FILE
+    differs = False
+    if info_file.is_file():
+        try:
+            old = json.loads(read_text(info_file))
+        except json.JSONDecodeError:
+            old = {}
+        differs = not isinstance(old, dict) or any(old.get(k) != info[k] for k in ("label_names", "instruct"))
+    if (stale or differs) and not overwrite:
+        what = (f"the {', '.join(sorted({p.stem for p in stale}))} split this run does not make" if stale else
+                f"data of another label set or instruction ({info_file})")
+        raise ConfigError(f"{out} already holds {what}; pass --overwrite=True to replace every file of it, or "
+                          f"another --data_name")
+    return stale
+
+
 def main(argv=None):
     cfg = parse_config(DEFAULTS, argv)
     label_names = parse_label_names(cfg.label_names)
@@ -287,8 +315,13 @@ def main(argv=None):
         splits["test"] = test
 
     out = Path(cfg.data_root) / cfg.data_name
-    (out / "ori_data").mkdir(parents=True, exist_ok=True)
-    (out / "instruct_data").mkdir(parents=True, exist_ok=True)
+    info = {"label_names": label_names, "instruct": instruct}
+    stale = check_output_folder(out, info, splits, cfg.overwrite)
+    try:
+        (out / "ori_data").mkdir(parents=True, exist_ok=True)
+        (out / "instruct_data").mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"config keys 'data_root'/'data_name': cannot create {out} ({e.strerror})") from None
     # Everything was read and checked above; write to temporary names, then rename, so a
     # failure leaves the previous files as they were.
     pending = []
@@ -300,7 +333,8 @@ def main(argv=None):
                         out / "instruct_data" / f"{name}.txt"))
     for tmp, final in pending:
         os.replace(tmp, final)
-    info = {"label_names": label_names, "instruct": instruct}
+    for path in stale:  # --overwrite=True: the earlier run's splits that this run does not make
+        path.unlink()
     atomic_write_text(out / "instruct_data" / DATA_INFO_FILE, json.dumps(info, ensure_ascii=False, indent=2) + "\n")
 
     summary = {}

@@ -16,7 +16,7 @@ import json
 import time
 from pathlib import Path
 
-from config_utils import ConfigError, parse_config, run_cli
+from config_utils import ConfigError, check_writable, parse_config, run_cli
 from dataset import QUERY_PREFIX, DataError, atomic_write_text, columns_of, load_data, read_text, write_jsonl
 from metrics import format_table, mention_spans, parse_answer, score, score_mentions
 from model_utils import (
@@ -55,32 +55,42 @@ def gold_answers(records, linenos, answer_col, label_names, test_path):
 
 def gold_spans(test_path, linenos, texts):
     """Each test sentence's annotated (begin, end, type) spans, from the ori_data file that
-    process.py wrote beside the instruct file (same line order, same text), or None."""
+    process.py wrote beside the instruct file (same line order, same text), or None when there
+    is none. A line that disagrees with the instruct file is an error naming both lines: a
+    mention level silently computed another way would not be the number the user asked for."""
     ori = Path(test_path).parent.parent / "ori_data" / Path(test_path).name
     if not ori.is_file():
         return None
     lines = read_text(ori).split("\n")
     spans = []
     for lineno, text in zip(linenos, texts):
+        where = f"{ori}:{lineno}"
         try:
             rec = json.loads(lines[lineno - 1])
             if rec["text"] != text:
-                return None
+                raise DataError(f"{where}: its text differs from {test_path}:{lineno}; the two files must come from "
+                                f"the same process.py run (run it again), or move {ori} away to score mentions by "
+                                f"string occurrences")
             spans.append([(e["entity_index"]["begin"], e["entity_index"]["end"], e["entity_type"])
                           for e in rec["entity_list"]])
-        except (IndexError, json.JSONDecodeError, KeyError, TypeError):
-            return None
+        except IndexError:
+            raise DataError(f"{where}: missing: {ori} has fewer lines than {test_path}; run process.py again") from None
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: not valid JSON ({e.msg})") from None
+        except (KeyError, TypeError) as e:
+            raise DataError(f"{where}: missing or malformed field {e}") from None
     return spans
+
+
+OUTPUTS = ("predictions.jsonl", "metrics.json", "report.html")
 
 
 def prepare_output_dir(cfg):
     out_dir = Path(cfg.output_dir or ("outputs/base_model" if cfg.no_adapter else cfg.lora_model))
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ConfigError(f"config key 'output_dir': {out_dir} is a file, not a folder")
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"config key 'output_dir': cannot create {out_dir} ({e.strerror})") from None
+    check_writable(out_dir, "output_dir")
+    for name in OUTPUTS:  # each is replaced by a rename, which a folder of that name would refuse
+        if (out_dir / name).is_dir():
+            raise ConfigError(f"config key 'output_dir': {out_dir / name} is a folder; it is where {name} goes")
     return out_dir
 
 

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-from config_utils import ConfigError, UserError
+from config_utils import ConfigError, UserError, check_writable
 from dataset import (COLUMN_DEFAULTS, DEFAULT_LABEL_NAMES, NO_ENTITY, PROMPT_STYLES, EncodedDataset, NerCollate,
-                     atomic_write_text, check_prompt_style, columns_of, load_data, read_data_info)
+                     atomic_write_text, check_prompt_style, columns_of, load_data, read_data_info, share_files)
 from model_utils import (TRAIN_ARGS_FILE, check_model_dir, load_model_and_tokenizer, load_tokenizer, meta_model,
                          resolve_dtype)
 
@@ -142,9 +142,12 @@ def save_dir_lock(save_dir):
     if global_rank() != 0:
         yield
         return
-    os.makedirs(save_dir, exist_ok=True)
+    check_writable(save_dir, "save_dir")  # before any weights load
     path = Path(save_dir) / LOCK_FILE
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise ConfigError(f"config key 'save_dir': cannot write {path} ({e.strerror})") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -226,14 +229,29 @@ def prepare_save_dir(cfg):
         # Temporary exports of an interrupted run (see export_trained) are never resumed from.
         for leftover in [*save_dir.glob(f".{ADAPTER_DIR}-*"), *save_dir.glob(f".{MODEL_DIR}-*")]:
             shutil.rmtree(leftover, ignore_errors=True)
+    out = output_dir(cfg)
+    if out.is_symlink():
+        # The export replaces its folder with a rename: that would replace the link, never
+        # update what it points to, so a linked export folder is refused before any work.
+        raise UserError(f"{out} is a symbolic link (to {os.readlink(out)}); point --save_dir at the real folder "
+                        f"or remove the link")
     recorded = save_dir / TRAIN_ARGS_FILE
     if cfg.resume:
         if recorded.is_file():
-            old = json.loads(recorded.read_text(encoding="utf-8"))
+            try:
+                old = json.loads(recorded.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise UserError(f"{recorded}: not valid JSON ({e}); it records the run to resume") from None
             if Path(old.get("model_dir", "")).resolve() != Path(cfg.model_dir).resolve():
                 raise UserError(
                     f"save_dir '{save_dir}' holds a run of base model '{old.get('model_dir')}', "
                     f"not '{cfg.model_dir}'; pass the same model_dir or another save_dir"
+                )
+            if old.get("finetuning", "lora") != cfg.finetuning:
+                raise UserError(
+                    f"save_dir '{save_dir}' holds a finetuning={old.get('finetuning', 'lora')} run, and "
+                    f"--resume continues it as it was: pass --finetuning={old.get('finetuning', 'lora')}, or "
+                    f"another save_dir for a finetuning={cfg.finetuning} run"
                 )
     else:
         stale = sorted(save_dir.glob("checkpoint-*")) + sorted(save_dir.glob("checkpoints"))
@@ -360,6 +378,12 @@ def check_checkpoint_files(ckpt):
     for path in _checkpoint_files(ckpt):
         why = _damage(path)
         if why is None:
+            if re.fullmatch(r"rng_state(_\d+)?\.pth?", path.name):
+                # Small, and loaded later by a library that would name no file: refused here first.
+                from transformers.trainer_pt_utils import safe_globals as numpy_globals
+
+                with numpy_globals():  # the Trainer's RNG files hold numpy's state
+                    load_checkpoint_file(path)
             continue
         earlier = sorted((p for p in Path(ckpt).parent.iterdir()
                           if p.is_dir() and p != Path(ckpt) and 0 <= _step_of(p) < _step_of(ckpt)), key=_step_of)
@@ -494,7 +518,7 @@ def export_trained(model, tokenizer, cfg, out_dir=None, extra_files=()):
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}-old-{os.getpid()}")
             os.replace(out_dir, old)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result is meant to be shared
+        share_files(tmp)  # mkdtemp and safetensors make them private; the result is meant to be shared
         os.replace(tmp, out_dir)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)

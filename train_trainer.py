@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from config_utils import ConfigError, parse_config, run_cli
+from dataset import share_files
 from train_core import (
     TRAIN_DEFAULTS, batch_loss, build_datasets, build_model, check_zero_stage, finish_run, latest_trainer_checkpoint,
     load_datasets_checked, load_training_tokenizer, output_dir, prepare_save_dir, report_engine, resolve_resume,
@@ -45,6 +46,12 @@ def make_trainer(cfg, **kwargs):
                 # process, and gradients are averaged over processes.
                 loss = loss * self.accelerator.num_processes
             return loss
+
+        def _save_checkpoint(self, model, trial):
+            super()._save_checkpoint(model, trial)
+            folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+            if self.is_world_process_zero() and folder.is_dir():
+                share_files(folder)  # safetensors writes its files 0600
 
     return NerTrainer(**kwargs)
 

@@ -3,6 +3,7 @@ permutation, Meta's feed-forward size rule, and writing output folders and safet
 """
 import json
 import re
+from contextlib import contextmanager
 import shutil
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import torch
 
 from config_utils import UserError
+from dataset import share_files
 
 
 class ModelHubError(UserError):
@@ -183,7 +185,20 @@ def save_shard(tensors, path):
 
     # transformers refuses safetensors files without format=pt metadata.
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
+    share_files(path)  # safetensors writes 0600; a converted model is meant to be read by others
     return sum(v.numel() * v.element_size() for v in tensors.values())
+
+
+@contextmanager
+def safetensors_read(path, what):
+    """Reading a safetensors file: a cut or garbled one is one line naming it, not a traceback."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except SafetensorError as e:
+        raise ModelHubError(f"cannot read {what} {path} ({e}): the file is damaged or incomplete; copy or "
+                            f"export it again") from None
 
 
 def load_torch_file(path, what="checkpoint"):

@@ -25,7 +25,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from config_utils import ConfigError, parse_config, run_cli  # noqa: E402
-from dataset import DEFAULT_INSTRUCT, QUERY_PREFIX, build_prompt  # noqa: E402
+from dataset import DEFAULT_INSTRUCT, QUERY_PREFIX, build_prompt, share_files  # noqa: E402
 
 DEFAULTS = {
     "output_dir": str(ROOT / "model_hub" / "tiny-llama"),
@@ -105,6 +105,7 @@ def build_model(tokenizer, output_dir, cfg):
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, do_sample=False
     )
     model.save_pretrained(output_dir)
+    share_files(output_dir)  # safetensors writes 0600
     return model
 
 

@@ -34,11 +34,12 @@ sys.path.insert(0, str(ROOT))  # run as `python model_hub/<script>.py`: the proj
 import torch  # noqa: E402
 
 from config_utils import ConfigError, parse_config, require_keys, run_cli  # noqa: E402
+from dataset import share_files  # noqa: E402
 from model_utils import check_model_dir, load_model_and_tokenizer, model_type_of  # noqa: E402
 from model_hub._llama_layout import (  # noqa: E402
     IGNORED_TENSORS, ModelHubError, check_output_dir, copy_tokenizer_files, has_tokenizer,
     hf_to_meta_permute, load_torch_file, meta_ffn_params, prepare_output_dir, read_json,
-    save_shard, shard_file_name, tensor_table, write_index, write_json,
+    safetensors_read, save_shard, shard_file_name, tensor_table, write_index, write_json,
 )
 
 EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
@@ -103,7 +104,7 @@ class BaseWeights:
         if path.suffix == ".safetensors":
             from safetensors import safe_open
 
-            with safe_open(str(path), framework="pt") as f:
+            with safetensors_read(path, "base weights"), safe_open(str(path), framework="pt") as f:
                 return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
         return {k: tuple(v.shape) for k, v in load_torch_file(path, "base weights").items()}
 
@@ -112,7 +113,7 @@ class BaseWeights:
         if path.suffix == ".safetensors":
             from safetensors import safe_open
 
-            with safe_open(str(path), framework="pt") as f:
+            with safetensors_read(path, "base weights"), safe_open(str(path), framework="pt") as f:
                 for name in f.keys():
                     if not IGNORED_TENSORS.search(name):
                         yield name, f.get_tensor(name)
@@ -167,7 +168,8 @@ class LoraAdapter:
         if self.file.suffix == ".safetensors":
             from safetensors.torch import load_file
 
-            return load_file(str(self.file))
+            with safetensors_read(self.file, "adapter"):
+                return load_file(str(self.file))
         return load_torch_file(self.file, "adapter")
 
     def _add(self, key, raw_key, tensor):
@@ -345,6 +347,7 @@ def merge_with_peft(base_model, lora_dirs, out, args):
     prepare_output_dir(out, args.overwrite)
     merged.save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))
+    share_files(out)  # safetensors writes 0600
     print(f"merged {lora_dirs[0]} into {base_model} with PEFT: Hugging Face output in {out}")
     return out
 

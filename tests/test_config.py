@@ -125,11 +125,24 @@ def test_dict_from_a_literal():
 @pytest.mark.parametrize("text,expected", [
     # None-default keys are paths (or "path or True"): a folder named 2024 stays the text 2024.
     ("5", "5"), ("2.5", "2.5"), ("2024", "2024"), ("model_hub/tiny-llama", "model_hub/tiny-llama"),
-    ("[1, 2]", [1, 2]), ("True", True), ("None", None),
+    ("[1, 2]", [1, 2]), ("None", None),
 ])
 def test_none_default_accepts_anything(text, expected):
     value = parse([f"--model_dir={text}"]).model_dir
     assert value == expected and type(value) is type(expected)
+
+
+@pytest.mark.parametrize("text", ["True", "False", "true"])
+def test_path_key_refuses_a_boolean(text):
+    # `--output_dir=True` names no folder; only keys that take "True or a path" (resume) accept it.
+    with pytest.raises(ConfigError, match="config key 'model_dir': .* is not a path"):
+        parse([f"--model_dir={text}"])
+
+
+@pytest.mark.parametrize("key,text", [("lora_r", "None"), ("save_dir", "None"), ("overwrite", "none")])
+def test_typed_key_refuses_none(key, text):
+    with pytest.raises(ConfigError, match=f"config key '{key}' needs a .* value, not None"):
+        parse([f"--{key}={text}"])
 
 
 @pytest.mark.parametrize("text", ["007", "10", "1e3", "1.50", "True", "[1,2]"])
