@@ -65,6 +65,8 @@ def gold_spans(test_path, linenos, texts):
     spans = []
     for lineno, text in zip(linenos, texts):
         where = f"{ori}:{lineno}"
+        if lineno > len(lines) or not lines[lineno - 1].strip():
+            raise DataError(f"{where}: missing: {ori} has no sentence for {test_path}:{lineno}; run process.py again")
         try:
             rec = json.loads(lines[lineno - 1])
             if rec["text"] != text:
@@ -73,8 +75,6 @@ def gold_spans(test_path, linenos, texts):
                                 f"string occurrences")
             spans.append([(e["entity_index"]["begin"], e["entity_index"]["end"], e["entity_type"])
                           for e in rec["entity_list"]])
-        except IndexError:
-            raise DataError(f"{where}: missing: {ori} has fewer lines than {test_path}; run process.py again") from None
         except json.JSONDecodeError as e:
             raise DataError(f"{where}: not valid JSON ({e.msg})") from None
         except (KeyError, TypeError) as e:
