@@ -1,6 +1,7 @@
 """config_utils.ConfigParser: the command-line syntax, strict typing and the script error path.
 
-Expected values are written by hand from the rules in issue 2 / DESIGN.md ("Config").
+Expected values are written by hand from the rules in the README's Config section and the
+module docstring of config_utils.
 """
 import pytest
 

