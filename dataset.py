@@ -7,7 +7,9 @@ trained on.
 import json
 import os
 import random
+import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -175,6 +177,30 @@ def share_files(path):
         if not item.is_symlink():
             os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~mask)
     return path
+
+
+@contextmanager
+def staged_folder(path):
+    """A temporary folder beside `path` to write a whole output folder into; when the block
+    ends without error it replaces `path` (the old one, if any, moved aside, then removed), and
+    on any error it is deleted: readers see the old folder or the complete new one, never a
+    half-written one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    try:
+        yield tmp
+        old = None
+        if path.exists():
+            old = path.with_name(f".{path.name}-old-{os.getpid()}")
+            os.replace(path, old)
+        share_files(tmp)  # mkdtemp and safetensors' writer make them private; the result is meant to be shared
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def check_prompt_style(style, tokenizer=None):

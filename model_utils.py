@@ -386,6 +386,16 @@ def _length_sorted_batches(lengths, batch_size):
 MIN_SHARED_PREFIX = 8  # tokens; below this a separate prefix pass is not worth its overhead
 
 
+def attention_window(config):
+    """The model's sliding attention window in tokens, or None when every layer attends to the
+    whole context (Qwen2 sets sliding_window to None itself unless use_sliding_window)."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if window is None or (layer_types is not None and "sliding_attention" not in layer_types):
+        return None
+    return window
+
+
 def shared_prefix_length(prompts):
     """Tokens every prompt starts with, leaving each prompt at least one token of its own."""
     if len(prompts) < 2:
@@ -433,6 +443,13 @@ def generate(model, tokenizer, prompts, max_new_tokens=64, batch_size=8, progres
         # Keep BOS and the end of the prompt (the "### Response:" part the answer follows).
         prompts = [p if len(p) <= max_prompt_tokens else p[:1] + p[len(p) - max_prompt_tokens + 1:] for p in prompts]
     shared = shared_prefix_length(prompts) if prefix_cache else 0
+    window = attention_window(model.config)
+    if shared and window is not None and max(len(p) for p in prompts) + max_new_tokens > window:
+        # A cached row is [shared prefix | left padding | own tokens]: positions come from the mask,
+        # but a sliding window counts places in the cache, padding included, so keys near its edge
+        # would drop out early. Where every row fits inside the window (Gemma 3: 512 tokens, an
+        # MSRA prompt and answer under 200) nothing can drop out and the cache stays exact.
+        shared = 0
     if grounding is not None:
         from transformers import LogitsProcessorList
 

@@ -15,7 +15,6 @@ import random
 import re
 import shutil
 import struct
-import tempfile
 import zipfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,7 +23,7 @@ import torch
 
 from config_utils import ConfigError, UserError, check_writable
 from dataset import (COLUMN_DEFAULTS, DEFAULT_LABEL_NAMES, NO_ENTITY, PROMPT_STYLES, EncodedDataset, NerCollate,
-                     atomic_write_text, check_prompt_style, columns_of, load_data, read_data_info, share_files)
+                     atomic_write_text, check_prompt_style, columns_of, load_data, read_data_info, staged_folder)
 from model_utils import (TRAIN_ARGS_FILE, check_model_dir, load_model_and_tokenizer, load_tokenizer, meta_model,
                          resolve_dtype)
 
@@ -501,9 +500,7 @@ def export_trained(model, tokenizer, cfg, out_dir=None, extra_files=()):
     trainers accept) keep every weight whole on every rank, so no gathering is needed.
     """
     out_dir = Path(out_dir or output_dir(cfg))
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    try:
+    with staged_folder(out_dir) as tmp:
         use_cache = model.config.use_cache
         model.config.use_cache = True  # training turns the KV cache off; the saved config is for inference
         try:
@@ -514,17 +511,6 @@ def export_trained(model, tokenizer, cfg, out_dir=None, extra_files=()):
         write_json(tmp / TRAIN_ARGS_FILE, resolved_args(cfg, tokenizer))
         for f in extra_files:
             shutil.copy(f, tmp)
-        old = None
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}-old-{os.getpid()}")
-            os.replace(out_dir, old)
-        share_files(tmp)  # mkdtemp and safetensors make them private; the result is meant to be shared
-        os.replace(tmp, out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 

@@ -1,5 +1,5 @@
-"""What the two model_hub scripts share: Meta <-> HF LLaMA tensor names, the q/k rotary
-permutation, Meta's feed-forward size rule, and writing output folders and safetensors shards.
+"""What the model_hub scripts share: Meta <-> HF LLaMA tensor names, the q/k rotary
+permutation, Meta's feed-forward size rule, and checking and writing output folders and shards.
 """
 import json
 import re

@@ -32,10 +32,15 @@ ARCHS = {
     "qwen2": ("Qwen2Config", {"tie_word_embeddings": True}, "chat_template", CHATML),
     "mistral": ("MistralConfig", {"sliding_window": None}, "chat_template", MISTRAL),
     "qwen3": ("Qwen3Config", {"head_dim": 16, "tie_word_embeddings": True}, "alpaca", None),
+    # Gemma 3 (the text model, as Gemma 3 270M): embeddings scaled by sqrt(hidden), norms as 1 + w, q/k
+    # norms, a sliding-window layer beside a global one; the window (32 tokens) is shorter than an MSRA
+    # prompt here, so the prefix caches of training and generation meet the window's cache.
+    "gemma3": ("Gemma3TextConfig", {"head_dim": 16, "tie_word_embeddings": True, "sliding_window": 32,
+                                    "layer_types": ["sliding_attention", "full_attention"]}, "alpaca", None),
 }
 
 
-def build(arch, tiny_model, out):
+def build(arch, tiny_model, out, **overrides):
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -50,7 +55,7 @@ def build(arch, tiny_model, out):
     torch.manual_seed(0)
     config = getattr(transformers, config_class)(
         vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        **SMALL, **extra)
+        **SMALL, **{**extra, **overrides})
     AutoModelForCausalLM.from_config(config).save_pretrained(out)
     return tokenizer
 
@@ -76,7 +81,7 @@ def expected_prompt(arch, tokenizer, instruction):
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_architecture_trains_reloads_scores_and_merges(arch, tiny_model, train16, tmp_path):
-    from model_utils import generate, load_for_inference, load_model_and_tokenizer
+    from model_utils import generate, load_for_inference, load_model_and_tokenizer, ner_generate
 
     base = tmp_path / f"tiny-{arch}"
     build(arch, tiny_model, base)
@@ -107,6 +112,24 @@ def test_architecture_trains_reloads_scores_and_merges(arch, tiny_model, train16
     assert inference == expected_prompt(arch, loaded_tokenizer, record["instruct"] + "\n" + record["query"])
     assert training["input_ids"][-1] == loaded_tokenizer.eos_token_id  # the answer ends with the turn's end
 
+    # The shared-prefix paths are exact on this architecture too: the training loss, and generation.
+    from config_utils import parse_config
+    from train_core import TRAIN_DEFAULTS, loss_free_prefix_length, shared_prefix_loss
+
+    cfg = parse_config(TRAIN_DEFAULTS, {**options, "save_dir": str(tmp_path / "trainer")})
+    batch = NerCollate(cfg, loaded_tokenizer).pad([NerCollate(cfg, loaded_tokenizer).encode(r)
+                                                   for r in load_data(train16)[:4]])
+    assert loss_free_prefix_length(batch) > 16
+    with torch.no_grad():
+        n_items = int((batch["labels"][:, 1:] != -100).sum())
+        plain_loss = model(**batch, num_items_in_batch=n_items).loss
+        assert float(shared_prefix_loss(model, batch, n_items)) == pytest.approx(float(plain_loss), rel=1e-5)
+    records = load_data(train16)[:6]
+    assert (ner_generate(model, loaded_tokenizer, train_args, records, batch_size=3, max_new_tokens=8,
+                         prefix_cache=True)[0]
+            == ner_generate(model, loaded_tokenizer, train_args, records, batch_size=3, max_new_tokens=8,
+                            prefix_cache=False)[0])
+
     # test.py scores the adapter.
     metrics = load_script("test").main([f"--lora_model={adapter}", f"--test_path={train16}", "--limit=4",
                                         "--max_new_tokens=8", f"--output_dir={tmp_path / 'eval'}"])
@@ -128,6 +151,29 @@ def test_architecture_trains_reloads_scores_and_merges(arch, tiny_model, train16
             plain = model(ids).logits
     torch.testing.assert_close(merged_logits, tuned, atol=1e-4, rtol=1e-4)
     assert (tuned - plain).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("window", [512, 32])
+def test_generation_prefix_cache_under_a_sliding_window(window, tiny_model, train16, tmp_path):
+    """The shared-prefix cache is used when every row fits inside the window (Gemma 3 270M's 512
+    tokens against MSRA's prompts) and left out when keys could slide out of it: the outputs are
+    the plain batches' either way."""
+    from dataset import PromptEncoder
+    from model_utils import generate, load_model_and_tokenizer, shared_prefix_length
+
+    base = tmp_path / "gemma3"
+    build("gemma3", tiny_model, base, sliding_window=window)
+    model, tokenizer = load_model_and_tokenizer(str(base), dtype="float32", device="cpu")
+    encoder = PromptEncoder({"prompt_style": "alpaca"}, tokenizer)
+    prompts = [encoder.inference_ids(r, 8, 512)[0] for r in load_data(train16)[:6]]
+    shared = shared_prefix_length(prompts)
+    assert shared > 30 and max(map(len, prompts)) > 32  # a real prefix, and rows longer than the small window
+    calls = []
+    model.model.register_forward_pre_hook(lambda m, a, kw: calls.append(tuple(kw["input_ids"].shape)),
+                                          with_kwargs=True)
+    cached = generate(model, tokenizer, prompts, max_new_tokens=8, batch_size=3, prefix_cache=True)
+    assert ((1, shared) in calls) == (max(map(len, prompts)) + 8 <= window)
+    assert cached == generate(model, tokenizer, prompts, max_new_tokens=8, batch_size=3, prefix_cache=False)
 
 
 def test_chat_template_without_template_is_one_line(tiny_model, train16, tmp_path, capsys):
