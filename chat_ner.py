@@ -18,6 +18,7 @@ import sys
 from config_utils import ConfigError, UserError, check_writable, parse_config, run_cli
 from dataset import (DEFAULT_INSTRUCT, QUERY_PREFIX, atomic_write_text, check_prompt_style, encode_prompt, encode_text,
                      read_text)
+from model_utils import check_quantization_name
 
 BANNER = """+ 该模式下仅支持单轮问答，无多轮对话能力。空行、Ctrl-D 或 Ctrl-C 退出。
 + This mode only supports single-turn QA. An empty line, Ctrl-D or Ctrl-C quits.
@@ -43,6 +44,7 @@ DEFAULTS = {
     "top_p": 0.9,  # sampling only
     "top_k": 40,  # sampling only
     "trust_remote_code": False,  # run code shipped with the model (only for models transformers lacks)
+    "quantization": None,  # None: as the adapter was trained (train_args.json), else none; or none, 4bit, 8bit
     "grounded": True,  # NER inputs (文本：... with --with_prompt): answers only name the sentence's substrings and the label set's types
 }
 
@@ -60,6 +62,8 @@ def parse_args(argv=None):
             raise ConfigError(f"config key '{key}': {args[key]} must be at least 1")
     if args.prompt_style:
         check_prompt_style(args.prompt_style)
+    if args.quantization is not None:
+        check_quantization_name(args.quantization)
     return args
 
 
@@ -102,6 +106,7 @@ class Chat:
         self.model, self.tokenizer, train_args = load_for_inference(
             args.lora_model or None, model_dir=args.base_model or None, tokenizer_path=args.tokenizer_path or None,
             device="cpu" if args.only_cpu else "auto", trust_remote_code=args.trust_remote_code,
+            quantization=args.quantization,
         )
         recorded = train_args.get("prompt_style", "alpaca")
         if args.prompt_style and train_args and args.prompt_style != recorded:

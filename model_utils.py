@@ -1,8 +1,9 @@
 """The one model loader and the one generation helper, used by every script.
 
 `load_model_and_tokenizer` opens a LLaMA directory (the merged Chinese-Alpaca-7B or the tiny
-test model alike), fixes the tokenizer's pad token, resizes embeddings to the tokenizer and
-optionally applies a LoRA adapter. `load_for_inference` does the same starting from a trained
+test model alike), optionally quantising the base weights with bitsandbytes while they load
+(`quantization=4bit|8bit`), fixes the tokenizer's pad token, resizes embeddings to the tokenizer
+and optionally applies a LoRA adapter. `load_for_inference` does the same starting from a trained
 adapter folder, reading the base model path from its `train_args.json`, or from a fully
 fine-tuned model folder (`<save_dir>/model`: config.json and train_args.json, no adapter), which
 is then the model itself. `generate` is batched
@@ -43,6 +44,7 @@ INFER_DEFAULTS = {
     "dtype": "auto",  # auto: bf16/fp16 on a GPU, fp32 on CPU
     "device": "auto",  # auto: cuda when available, else cpu; or e.g. cuda:1
     "trust_remote_code": False,  # run code shipped with the model (only for models transformers lacks)
+    "quantization": None,  # None: as the adapter was trained (train_args.json), else none; or none, 4bit, 8bit
 }
 
 
@@ -53,6 +55,8 @@ def check_infer_config(cfg):
             raise ConfigError(f"config key '{key}': {cfg[key]} must be at least 1")
     resolve_dtype(cfg.dtype)
     check_device(cfg.device)
+    if cfg.quantization is not None:
+        check_quantization_name(cfg.quantization)
     if cfg.no_adapter and not cfg.model_dir:
         raise ConfigError("no_adapter=True needs --model_dir=<base model>")
 
@@ -80,7 +84,7 @@ def load_from_config(cfg):
     return load_for_inference(
         None if cfg.no_adapter else cfg.lora_model, model_dir=cfg.model_dir,
         tokenizer_path=cfg.tokenizer_path, dtype=cfg.dtype, device=cfg.device,
-        trust_remote_code=cfg.trust_remote_code,
+        trust_remote_code=cfg.trust_remote_code, quantization=cfg.quantization,
     )
 
 
@@ -168,6 +172,83 @@ def resolve_dtype(dtype="auto", device="cpu"):
     return torch.float32
 
 
+# How the base weights are stored while LoRA trains on top (QLoRA: Dettmers et al., 2023).
+QUANTIZATIONS = ("none", "4bit", "8bit")
+BITSANDBYTES_REQUIREMENT = "bitsandbytes>=0.50,<0.51"  # as requirements.txt: the tested range
+
+
+def check_quantization_name(quantization, where="config key 'quantization'"):
+    if quantization not in QUANTIZATIONS:
+        raise ConfigError(f"{where}: {quantization!r} is not one of {', '.join(QUANTIZATIONS)}")
+    return quantization
+
+
+def quantization_config(quantization, compute_dtype):
+    """transformers' BitsAndBytesConfig for a mode (None for none).
+
+    4bit is QLoRA's recipe: NF4 codes with double quantisation (the block scales quantised
+    again), computing in `compute_dtype` (bf16 on GPUs, fp32 on the CPU) with the weights
+    dequantised block by block. 8bit is LLM.int8 with bitsandbytes' defaults. The output layer
+    stays in `compute_dtype` (transformers leaves it out).
+    """
+    if check_quantization_name(quantization) == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=compute_dtype)
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def check_quantization(quantization, device="auto", where="config key 'quantization'"):
+    """Refuse a mode this machine's bitsandbytes cannot run on `device`, in one line, before any
+    weights load: a layer of the mode runs on a small tensor there (milliseconds), which is what
+    the model's layers will do."""
+    if check_quantization_name(quantization, where) == "none":
+        return
+    device = resolve_device(device)
+    try:
+        import bitsandbytes as bnb
+    except ImportError as e:
+        raise ConfigError(f"{where}: {quantization} needs bitsandbytes ({e}); "
+                          f"pip install '{BITSANDBYTES_REQUIREMENT}'") from None
+    import logging
+
+    # bitsandbytes' 8-bit matmul logs a warning on every call whose input is not fp16 (it casts
+    # the input itself): thousands of identical lines per run, nothing the user can act on.
+    logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
+    try:
+        with torch.no_grad():
+            if quantization == "4bit":
+                layer = bnb.nn.Linear4bit(64, 64, bias=False, quant_type="nf4", compress_statistics=True)
+            else:
+                layer = bnb.nn.Linear8bitLt(64, 64, bias=False, has_fp16_weights=False)
+            layer = layer.to(device)
+            layer(torch.ones(2, 64, device=device))
+    except Exception as e:  # any failure of the library on this device means the same to the user
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ConfigError(f"{where}: bitsandbytes {getattr(bnb, '__version__', '?')} cannot run {quantization} "
+                          f"layers on {device.type} ({why}); use quantization=none or a bitsandbytes build for "
+                          f"{device.type} ('{BITSANDBYTES_REQUIREMENT}')") from None
+
+
+def quantized_weights(model):
+    """{parameter name: the weight a 4-bit layer computes with}, dequantised on demand.
+
+    bitsandbytes' dequantize_4bit turns a layer's NF4 codes and (double-quantised) block scales
+    back into the matrix its forward multiplies by: merging an adapter into these weights gives
+    exactly the model the adapter was trained with.
+    """
+    import bitsandbytes as bnb
+
+    def dequantize(weight):
+        return lambda: bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
+
+    return {f"{name}.weight": dequantize(module.weight) for name, module in model.named_modules()
+            if isinstance(module, bnb.nn.Linear4bit)}
+
+
 def meta_model(model_dir, trust_remote_code=False):
     """The model built from its config on the meta device: its modules and shapes, no weights."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -225,8 +306,13 @@ def load_tokenizer(path, padding_side="left", trust_remote_code=False):
 
 
 def load_model_and_tokenizer(model_dir, tokenizer_path=None, lora_model=None, dtype="auto",
-                             device="auto", trust_remote_code=False, is_trainable=False, tokenizer=None):
+                             device="auto", trust_remote_code=False, is_trainable=False, tokenizer=None,
+                             quantization="none"):
     """Base model (+ optional LoRA adapter) and its tokenizer, ready on `device`.
+
+    `quantization` 4bit or 8bit stores the base model's linear layers (all but the output layer)
+    in bitsandbytes' NF4 or int8 while they load, on `device`, which they then cannot leave;
+    everything else, and an adapter, stays in `dtype`.
 
     The tokenizer comes from `tokenizer_path`, else the adapter folder when it holds one, else
     `model_dir` (or is the already loaded `tokenizer`). A tokenizer larger than the model's embedding (Chinese-Alpaca's pad token:
@@ -241,12 +327,16 @@ def load_model_and_tokenizer(model_dir, tokenizer_path=None, lora_model=None, dt
     torch_dtype = resolve_dtype(dtype, device)
     if device.type == "cpu" and torch_dtype == torch.float16:
         raise ModelLoadError("fp16 is not supported on the CPU; use dtype=float32 or bfloat16")
+    check_quantization(quantization, device)
+    quantized = {}
+    if quantization != "none":
+        quantized = dict(quantization_config=quantization_config(quantization, torch_dtype), device_map={"": device})
     if tokenizer_path is None:
         tokenizer_path = lora_model if _has_tokenizer(lora_model) else model_path
     if tokenizer is None:
         tokenizer = load_tokenizer(tokenizer_path, trust_remote_code=trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(
-        str(model_path), dtype=torch_dtype, trust_remote_code=trust_remote_code
+        str(model_path), dtype=torch_dtype, trust_remote_code=trust_remote_code, **quantized
     )
     vocab = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > vocab:
@@ -259,7 +349,8 @@ def load_model_and_tokenizer(model_dir, tokenizer_path=None, lora_model=None, dt
     model.config.pad_token_id = tokenizer.pad_token_id
     if lora_model:
         model = apply_adapter(model, lora_model, is_trainable=is_trainable)
-    model.to(device)
+    if not quantized:  # quantised layers were loaded onto `device`
+        model.to(device)
     if not is_trainable:
         model.eval()
     return model, tokenizer
@@ -338,12 +429,14 @@ def read_train_args(lora_model):
 
 
 def load_for_inference(lora_model=None, model_dir=None, tokenizer_path=None, dtype="auto", device="auto",
-                       trust_remote_code=False):
+                       trust_remote_code=False, quantization=None):
     """Model, tokenizer and the training config, from an adapter folder, a fully fine-tuned
     model folder (`lora_model=<save_dir>/model`) or a bare model.
 
     `model_dir` given explicitly wins over the one recorded in `train_args.json` (for an
-    adapter; a fully fine-tuned folder is its own model and takes no other).
+    adapter; a fully fine-tuned folder is its own model and takes no other). So does
+    `quantization`: None loads the base as training did (train_args.json's `quantization`), so
+    a QLoRA adapter runs on the same 4-bit weights it was trained against.
     """
     train_args = {}
     if lora_model and is_full_model(lora_model):
@@ -354,7 +447,8 @@ def load_for_inference(lora_model=None, model_dir=None, tokenizer_path=None, dty
             )
         train_args = read_train_args(lora_model) or {}
         model, tokenizer = load_model_and_tokenizer(lora_model, tokenizer_path=tokenizer_path, dtype=dtype,
-                                                    device=device, trust_remote_code=trust_remote_code)
+                                                    device=device, trust_remote_code=trust_remote_code,
+                                                    quantization=quantization or "none")
         return model, tokenizer, train_args
     if lora_model:
         train_args = read_train_args(lora_model)
@@ -371,9 +465,13 @@ def load_for_inference(lora_model=None, model_dir=None, tokenizer_path=None, dty
         model_dir = model_dir or recorded
     if not model_dir:
         raise ModelLoadError("no base model: pass --model_dir or --lora_model=<trained adapter folder>")
+    if quantization is None:
+        quantization = check_quantization_name(train_args.get("quantization", "none"),
+                                               f"{Path(lora_model or '') / TRAIN_ARGS_FILE}: key 'quantization'")
     model, tokenizer = load_model_and_tokenizer(
         model_dir, tokenizer_path=tokenizer_path, lora_model=lora_model, dtype=dtype, device=device,
         trust_remote_code=trust_remote_code,  # never taken from train_args.json: an adapter cannot turn it on
+        quantization=quantization,
     )
     return model, tokenizer, train_args
 

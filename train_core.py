@@ -24,8 +24,8 @@ import torch
 from config_utils import ConfigError, UserError, check_writable
 from dataset import (COLUMN_DEFAULTS, DEFAULT_LABEL_NAMES, NO_ENTITY, PROMPT_STYLES, EncodedDataset, NerCollate,
                      atomic_write_text, check_prompt_style, columns_of, load_data, read_data_info, staged_folder)
-from model_utils import (TRAIN_ARGS_FILE, check_model_dir, load_model_and_tokenizer, load_tokenizer, meta_model,
-                         resolve_dtype)
+from model_utils import (TRAIN_ARGS_FILE, check_model_dir, check_quantization, load_model_and_tokenizer, load_tokenizer,
+                         meta_model, resolve_dtype)
 
 ADAPTER_DIR = "adapter_model"  # finetuning=lora: <save_dir>/adapter_model/ (adapter + tokenizer + train_args.json)
 MODEL_DIR = "model"  # finetuning=full: <save_dir>/model/ (whole model, loadable wherever an adapter folder is)
@@ -37,6 +37,7 @@ TRAIN_DEFAULTS = {
     "model_dir": "./model_hub/chinese-alpaca-7b",  # merged Chinese-Alpaca-7B (README: model steps)
     "tokenizer_path": None,  # None: the tokenizer in model_dir
     "finetuning": "lora",  # lora: adapter on a frozen base (7B); full: every weight trained (small models, the demo)
+    "quantization": "none",  # none; 4bit: QLoRA (NF4 base weights, LoRA in dtype); 8bit: int8 base weights (bitsandbytes)
     "lora": {
         "r": 8,  # rank; 8 is the common choice for 7B task tuning
         "alpha": 16,  # scale alpha/r = 2, as in alpaca-lora and most LoRA recipes
@@ -109,6 +110,10 @@ def validate_train_config(cfg):
     if not cfg.lora_target_modules:
         raise ConfigError("config key 'lora_target_modules': name at least one module (e.g. q_proj,v_proj)")
     training_dtype(cfg)
+    if cfg.quantization != "none" and cfg.finetuning == "full":
+        raise ConfigError(f"config key 'quantization': {cfg.quantization} base weights are frozen, so they cannot be "
+                          f"fully fine-tuned; use finetuning=lora (QLoRA) or quantization=none")
+    check_quantization(cfg.quantization, training_device())
     if cfg.resume and cfg.resume is not True and not Path(str(cfg.resume)).is_dir():
         raise ConfigError(f"config key 'resume': checkpoint '{cfg.resume}' does not exist")
     check_prompt_style(cfg.prompt_style)
@@ -117,6 +122,14 @@ def validate_train_config(cfg):
         check_model_dir(cfg.model_dir, cfg.trust_remote_code)
         if cfg.finetuning == "lora" and list(cfg.lora_target_modules) != [ALL_LINEAR]:
             check_target_modules(linear_module_names(cfg.model_dir, cfg.trust_remote_code), cfg.lora_target_modules)
+
+
+def training_device():
+    """Where this process trains: its launcher's GPU (LOCAL_RANK), else the CPU. Quantised base
+    weights are loaded there directly (bitsandbytes' layers are not moved after loading)."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
 
 
 def check_zero_stage(stage, where="config key 'zero_stage'"):
@@ -251,6 +264,12 @@ def prepare_save_dir(cfg):
                     f"save_dir '{save_dir}' holds a finetuning={old.get('finetuning', 'lora')} run, and "
                     f"--resume continues it as it was: pass --finetuning={old.get('finetuning', 'lora')}, or "
                     f"another save_dir for a finetuning={cfg.finetuning} run"
+                )
+            if old.get("quantization", "none") != cfg.quantization:
+                # The checkpoint's adapter learned against those base weights, not these.
+                raise UserError(
+                    f"save_dir '{save_dir}' holds a run with quantization={old.get('quantization', 'none')}, "
+                    f"not {cfg.quantization}; resume with the same quantization or train into another save_dir"
                 )
     else:
         stale = sorted(save_dir.glob("checkpoint-*")) + sorted(save_dir.glob("checkpoints"))
@@ -423,10 +442,20 @@ def build_model(cfg, tokenizer=None):
     torch_dtype, _ = training_dtype(cfg)
     if cfg.finetuning == "full":
         torch_dtype = torch.float32  # every weight is trained: master weights in fp32 (see below)
+    quantized = cfg.quantization != "none"
     model, tokenizer = load_model_and_tokenizer(
-        cfg.model_dir, tokenizer_path=cfg.tokenizer_path, dtype=torch_dtype, device="cpu", is_trainable=True,
-        tokenizer=tokenizer, trust_remote_code=cfg.trust_remote_code,
+        cfg.model_dir, tokenizer_path=cfg.tokenizer_path, dtype=torch_dtype, is_trainable=True,
+        # Unquantised weights load on the CPU and the Trainer or DeepSpeed moves them;
+        # quantised ones are quantised where they will run.
+        device=training_device() if quantized else "cpu",
+        tokenizer=tokenizer, trust_remote_code=cfg.trust_remote_code, quantization=cfg.quantization,
     )
+    if quantized:
+        from peft import prepare_model_for_kbit_training
+
+        # PEFT's QLoRA preparation: every base weight frozen, the unquantised ones (norms,
+        # embeddings, output layer) in fp32 for stable training. Checkpointing is enabled below.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     # Training sequences are right-padded (labels line up with positions 0..n-1).
     tokenizer.padding_side = "right"
     if cfg.gradient_checkpointing:
@@ -476,9 +505,13 @@ def start_run(cfg, model, tokenizer, train_set, dev_set, collate):
     """Main process only: record the resolved config in save_dir and say what will be trained."""
     os.makedirs(cfg.save_dir, exist_ok=True)
     write_json(os.path.join(cfg.save_dir, TRAIN_ARGS_FILE), resolved_args(cfg, tokenizer))
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    print(f"finetuning={cfg.finetuning}: trainable params {trainable:,} of {total:,} "
+    if hasattr(model, "get_nb_trainable_parameters"):
+        trainable, total = model.get_nb_trainable_parameters()  # PEFT's count: a 4-bit tensor holds 2 weights per byte
+    else:
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
+    quantized = f", base weights {cfg.quantization}" if cfg.quantization != "none" else ""
+    print(f"finetuning={cfg.finetuning}{quantized}: trainable params {trainable:,} of {total:,} "
           f"({100 * trainable / total:.2f}%)", flush=True)
     print(f"train {len(train_set)} examples, dev {len(dev_set) if dev_set else 0}; "
           f"{collate.truncated} queries shortened and {train_set.skipped} examples left out "

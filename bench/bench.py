@@ -40,6 +40,7 @@ DEFAULTS = {
     "shape": "bench",  # bench: hidden 512, 4 layers (CPU); 7b: LLaMA-7B with Chinese-Alpaca's 49,954 vocabulary
     "tokenizer_dir": str(ROOT / "model_hub" / "tiny-llama"),  # tokenizer of the random model (make demo builds it)
     "gradient_checkpointing": False,
+    "quantization": "none",  # base weights of the training variants: none, 4bit (QLoRA) or 8bit (gpu_check.sh: peak memory per mode)
     "skip_eval": False,  # training variants only
     "train_path": str(ROOT / "data" / "msra" / "instruct_data" / "train.txt"),
     "test_path": str(ROOT / "data" / "msra" / "instruct_data" / "test.txt"),
@@ -128,7 +129,7 @@ def train_config(cfg, model_dir, save_dir, group_by_length, max_seq_length, shar
         "group_by_length": group_by_length, "max_seq_length": max_seq_length, "lora_dropout": 0.0,
         "log_steps": max(cfg.steps // 4, 1), "eval_steps": 0, "save_steps": 10 ** 6, "overwrite": True,
         "dtype": cfg.dtype, "seed": cfg.seed, "gradient_checkpointing": cfg.gradient_checkpointing,
-        "share_prefix": share_prefix,
+        "share_prefix": share_prefix, "quantization": cfg.quantization,
     })
 
 
@@ -422,7 +423,7 @@ def main(argv=None):
     results = {
         "machine": machine(), "date": time.strftime("%Y-%m-%d"), "model": model_desc,
         "train_steps": cfg.steps, "train_batch_size": cfg.train_batch_size,
-        "gradient_checkpointing": cfg.gradient_checkpointing,
+        "gradient_checkpointing": cfg.gradient_checkpointing, "quantization": cfg.quantization,
         "eval_examples": len(records), "max_new_tokens": cfg.max_new_tokens, "quick": cfg.quick,
         "train": train, "eval": evals,
         "train_speedup_vs_seed": train["ours"]["examples_per_second"] / train["seed"]["examples_per_second"],

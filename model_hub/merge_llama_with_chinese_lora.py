@@ -14,6 +14,14 @@ when fan_in_fan_out), and the weights it lists in modules_to_save (embed_tokens,
 replace the current ones. Without --base_model, the base is the `model_dir` recorded in the
 first adapter's train_args.json, which is how a trained NER adapter is exported for deployment.
 
+A QLoRA adapter (trained with quantization=4bit, as its train_args.json records) is merged by
+default into the full-precision base, as is common practice, with a warning: it was trained
+against the 4-bit weights, so the merged model is close to, not equal to, base-4bit + adapter.
+--merge_into=dequantized merges it into the base's 4-bit weights dequantised (bitsandbytes'
+dequantize_4bit of the same NF4 quantisation training used): exactly the model it was trained
+with, in the base's dtype (fp32: to float rounding). That needs the 4-bit base in memory
+(about a quarter of the base's fp16 size) beside the shards.
+
 --output_type huggingface writes config.json, safetensors shards (one per base shard) with an
 index, and the tokenizer; pth writes Meta's layout (consolidated.00.pth, params.json, q/k rows
 permuted back to interleaved rotary pairs), which convert_llama_weights_to_hf.py reads back.
@@ -35,7 +43,7 @@ import torch  # noqa: E402
 
 from config_utils import ConfigError, parse_config, require_keys, run_cli  # noqa: E402
 from dataset import share_files  # noqa: E402
-from model_utils import check_model_dir, load_model_and_tokenizer, model_type_of  # noqa: E402
+from model_utils import check_model_dir, load_model_and_tokenizer, model_type_of, quantized_weights  # noqa: E402
 from model_hub._llama_layout import (  # noqa: E402
     IGNORED_TENSORS, ModelHubError, check_output_dir, copy_tokenizer_files, has_tokenizer,
     hf_to_meta_permute, load_torch_file, meta_ffn_params, prepare_output_dir, read_json,
@@ -60,8 +68,10 @@ DEFAULTS = {
     "output_type": "huggingface",  # huggingface: HF folder (safetensors); pth: Meta's consolidated.00.pth + params.json
     "output_dir": "",  # folder for the merged model, created (required)
     "overwrite": False,  # write into a non-empty output_dir
+    "merge_into": "base",  # base: the full-precision base weights; dequantized: a 4-bit (QLoRA) adapter's dequantised 4-bit weights
 }
 OUTPUT_TYPES = ("huggingface", "pth")
+MERGE_INTO = ("base", "dequantized")
 
 
 def parse_args(argv=None):
@@ -69,6 +79,8 @@ def parse_args(argv=None):
     args = require_keys(parse_config(DEFAULTS, argv), "lora_model", "output_dir")
     if args.output_type not in OUTPUT_TYPES:
         raise ConfigError(f"config key 'output_type': {args.output_type!r} is not one of {', '.join(OUTPUT_TYPES)}")
+    if args.merge_into not in MERGE_INTO:
+        raise ConfigError(f"config key 'merge_into': {args.merge_into!r} is not one of {', '.join(MERGE_INTO)}")
     return args
 
 
@@ -287,8 +299,12 @@ def resize_rows(t, vocab):
     return torch.cat([t, mean.expand(vocab - t.shape[0], *t.shape[1:])], dim=0)
 
 
-def merge_tensor(name, t, loras, vocab):
+def merge_tensor(name, t, loras, vocab, dequantized=None):
+    """One base tensor with every LoRA merged in; `dequantized` ({name: () -> weight}) replaces
+    the base weights of 4-bit layers by the dequantised weights those layers compute with."""
     dtype = t.dtype
+    if dequantized and name in dequantized:
+        t = dequantized[name]().float()
     if name in VOCAB_TENSORS:
         t = resize_rows(t, vocab)
     for lora in loras:
@@ -342,7 +358,17 @@ def merge_with_peft(base_model, lora_dirs, out, args):
     if args.output_type != "huggingface" or len(lora_dirs) != 1:
         raise ModelHubError(f"base model '{base_model}' is not a LLaMA model: merge one adapter with "
                             f"--output_type huggingface (pth output and several LoRAs need LLaMA's layout)")
-    model, tokenizer = load_model_and_tokenizer(base_model, lora_model=lora_dirs[0], dtype="float32", device="cpu")
+    if args.merge_into == "dequantized":
+        from model_utils import apply_adapter
+
+        # transformers' dequantize replaces each 4-bit layer by a plain one holding bitsandbytes'
+        # dequantize_4bit of its weights, then PEFT merges into those.
+        tokenizer_path = lora_dirs[0] if has_tokenizer(lora_dirs[0]) else None
+        model, tokenizer = load_model_and_tokenizer(base_model, tokenizer_path=tokenizer_path, dtype="float32",
+                                                    device="cpu", quantization="4bit")
+        model = apply_adapter(model.dequantize(), lora_dirs[0])
+    else:
+        model, tokenizer = load_model_and_tokenizer(base_model, lora_model=lora_dirs[0], dtype="float32", device="cpu")
     merged = model.merge_and_unload()
     prepare_output_dir(out, args.overwrite)
     merged.save_pretrained(str(out), safe_serialization=True)
@@ -350,6 +376,26 @@ def merge_with_peft(base_model, lora_dirs, out, args):
     share_files(out)  # safetensors writes 0600
     print(f"merged {lora_dirs[0]} into {base_model} with PEFT: Hugging Face output in {out}")
     return out
+
+
+def check_merge_into(merge_into, lora_dirs):
+    """merge_into=dequantized needs one adapter trained on 4-bit weights; merging a quantised
+    adapter into the full-precision base is allowed, with a warning."""
+    quantization = {d: read_train_args(d).get("quantization", "none") for d in lora_dirs}
+    if merge_into == "dequantized":
+        if len(lora_dirs) != 1 or quantization[lora_dirs[0]] != "4bit":
+            what = (f"{len(lora_dirs)} adapters" if len(lora_dirs) != 1 else
+                    f"adapter '{lora_dirs[0]}' was trained with quantization={quantization[lora_dirs[0]]} "
+                    f"(its train_args.json)")
+            raise ModelHubError(f"merge_into=dequantized merges one adapter trained with quantization=4bit, but {what}; "
+                                f"use merge_into=base")
+        return
+    for lora_dir, mode in quantization.items():
+        if mode != "none":
+            print(f"warning: adapter '{lora_dir}' was trained against {mode} base weights; merged into the "
+                  f"full-precision base it gives outputs close to, not equal to, base-{mode} + adapter "
+                  f"(--merge_into=dequantized merges a 4bit adapter into the weights it was trained on)",
+                  file=sys.stderr)
 
 
 def merge(args):
@@ -360,6 +406,7 @@ def merge(args):
     check_output_dir(out, args.overwrite, inputs=[args.base_model or None, *lora_dirs])
     base_model = resolve_base_model(args.base_model, lora_dirs)
     check_output_dir(out, args.overwrite, inputs=[base_model])
+    check_merge_into(args.merge_into, lora_dirs)
     if model_type_of(check_model_dir(base_model)) != "llama":
         return merge_with_peft(base_model, lora_dirs, out, args)
     loras = [LoraAdapter(d) for d in lora_dirs]
@@ -370,11 +417,18 @@ def merge(args):
                             f"nor the base model holds a tokenizer")
     vocab = final_vocab_size(tokenizer_dir, loras)
     check_plan(base, loras, vocab, tokenizer_dir)
+    dequantized = None
+    if args.merge_into == "dequantized":
+        # The base quantised as training quantised it (the one loader, NF4 with double quantisation);
+        # each 4-bit layer's weight is dequantised when its shard is merged.
+        model, _ = load_model_and_tokenizer(base_model, tokenizer_path=tokenizer_dir, dtype="float32", device="cpu",
+                                            quantization="4bit")
+        dequantized = quantized_weights(model)
 
     prepare_output_dir(out, args.overwrite)
     merged_pth, weight_map, total = {}, {}, 0
     for index, path in enumerate(base.files):
-        tensors = {name: merge_tensor(name, t, loras, vocab) for name, t in base.tensors(path)}
+        tensors = {name: merge_tensor(name, t, loras, vocab, dequantized) for name, t in base.tensors(path)}
         if args.output_type == "pth":
             merged_pth.update(tensors)
             continue

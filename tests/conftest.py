@@ -22,7 +22,7 @@ if str(ROOT) not in sys.path:
 
 PYTHON = sys.executable
 # A test that needs a trained adapter or model (a 150-step training in a fixture) is slow.
-SLOW_FIXTURES = {"memorised_trainer", "full_run"}
+SLOW_FIXTURES = {"memorised_trainer", "memorised_qlora", "full_run"}
 
 
 def pytest_configure(config):
@@ -109,14 +109,24 @@ def train16(tmp_path_factory, msra_dir):
     return path
 
 
-@pytest.fixture(scope="session")
-def memorised_trainer(tmp_path_factory, tiny_model, train16):
+def memorise(tmp_path_factory, tiny_model, train16, name, **extra):
     """train_trainer.py run in-process until the tiny model memorises train16; returns the save_dir."""
-    save_dir = tmp_path_factory.mktemp("trainer-run")
+    save_dir = tmp_path_factory.mktemp(name)
     options = {**MEMORISE, "model_dir": tiny_model, "train_path": train16, "dev_path": train16,
-               "save_dir": save_dir, "overwrite": True}
+               "save_dir": save_dir, "overwrite": True, **extra}
     load_script("train_trainer").main(as_argv(options))
     return save_dir
+
+
+@pytest.fixture(scope="session")
+def memorised_trainer(tmp_path_factory, tiny_model, train16):
+    return memorise(tmp_path_factory, tiny_model, train16, "trainer-run")
+
+
+@pytest.fixture(scope="session")
+def memorised_qlora(tmp_path_factory, tiny_model, train16):
+    """The same run on a 4-bit (NF4) base: QLoRA."""
+    return memorise(tmp_path_factory, tiny_model, train16, "qlora-run", quantization="4bit")
 
 
 def score_adapter(adapter, test_path, batch_size=8):

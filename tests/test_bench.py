@@ -1,6 +1,8 @@
 """The benchmark's model-FLOPs arithmetic, against counts done by hand."""
 import json
 
+import pytest
+
 from conftest import load_script
 
 bench = load_script("bench/bench")
@@ -29,3 +31,44 @@ def test_measured_cpu_peak_is_positive_and_named():
     flops, source = bench.peak_flops("fp32")
     assert flops > 1e8 and "matmul" in source
     json.dumps({"peak": flops})  # recorded in results.json
+
+
+# ------------------------------------------------------ the README's memory estimate (bench/memory_table.py)
+
+memory = load_script("bench/memory_table")
+
+
+def test_memory_table_parameter_counts_by_hand():
+    d, ffn, layers = 4096, 11008, 32
+    llama_layer = 4 * d * d + 3 * d * ffn + 2 * d  # q, k, v, o; gate, up, down; two norms
+    for name, vocab in [("Chinese-Alpaca-7B", 49954), ("Chinese-Alpaca-2-7B", 55296)]:
+        model = memory.meta_model(*memory.MODELS[name])
+        assert memory.parameter_count(model) == 2 * vocab * d + layers * llama_layer + d  # untied head, final norm
+    # Qwen2.5-7B: 4 key/value heads of 128 dimensions, biases on q, k and v.
+    d, ffn, layers, kv = 3584, 18944, 28, 4 * 128
+    qwen_layer = (d * d + d) + 2 * (d * kv + kv) + d * d + 3 * d * ffn + 2 * d
+    model = memory.meta_model(*memory.MODELS["Qwen2.5-7B"])
+    assert memory.parameter_count(model) == 2 * 152064 * d + layers * qwen_layer + d
+
+
+@pytest.mark.parametrize("mode", ["4bit", "8bit"])
+def test_memory_table_counts_what_bitsandbytes_stores(tiny_model, mode):
+    """The estimate's bytes for the quantised layers against the tensors a real quantised load holds."""
+    import bitsandbytes as bnb
+
+    from model_utils import load_model_and_tokenizer, meta_model
+
+    model, _ = load_model_and_tokenizer(str(tiny_model), device="cpu", quantization=mode)
+    stored, layers = 0, 0
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            state = m.weight.quant_state  # NF4 codes, 8-bit block scales, fp32 scales of those
+            stored += m.weight.data.nbytes + state.absmax.nbytes + state.state2.absmax.nbytes
+        elif isinstance(m, bnb.nn.Linear8bitLt):
+            stored += m.weight.data.nbytes + m.weight.SCB.nbytes  # int8 weights, one fp32 scale per row
+        else:
+            continue
+        layers += 1
+    linears = memory.quantized_linears(meta_model(str(tiny_model)))
+    assert layers == len(linears) == 14  # 7 projections x 2 layers; the output layer stays unquantised
+    assert stored == memory.quantized_bytes(linears, mode)

@@ -32,13 +32,16 @@ def train_losses(adapter_dir):
 
 # ----------------------------------------------------------------------------- learning
 
-def test_trainer_memorises_and_saves_what_inference_needs(memorised_trainer, train16, tiny_model):
-    adapter = memorised_trainer / "adapter_model"
+@pytest.mark.slow
+@pytest.mark.parametrize("run,quantization", [("memorised_trainer", "none"), ("memorised_qlora", "4bit")])
+def test_trainer_memorises_and_saves_what_inference_needs(run, quantization, request, train16, tiny_model):
+    adapter = request.getfixturevalue(run) / "adapter_model"
     assert ADAPTER_FILES <= {p.name for p in adapter.iterdir()}
     assert (adapter / "loss_curve.png").stat().st_size > 0
     args = json.loads((adapter / "train_args.json").read_text(encoding="utf-8"))
     assert Path(args["model_dir"]) == Path(tiny_model)
     assert args["vocab_size"] == 4000 and args["learning_rate"] == MEMORISE["learning_rate"]
+    assert args["quantization"] == quantization  # test.py below loads the base this way by default
     history = json.loads((adapter / "log_history.json").read_text())
     assert any("eval_loss" in r for r in history)
     metrics, _ = score_adapter(adapter, train16)
@@ -87,9 +90,11 @@ SHORT = {"lora_dropout": 0.0, "learning_rate": 5e-3, "max_steps": 6, "log_steps"
 
 
 @pytest.mark.distributed
+@pytest.mark.parametrize("quantization", ["none", "4bit"])
 @pytest.mark.parametrize("script", ["train_trainer.py", "train_deepspeed.py"])
-def test_two_processes_match_one_process(tmp_path, tiny_model, train16, script):
-    common = {**SHORT, "model_dir": tiny_model, "train_path": train16, "dev_path": train16}
+def test_two_processes_match_one_process(tmp_path, tiny_model, train16, script, quantization):
+    common = {**SHORT, "model_dir": tiny_model, "train_path": train16, "dev_path": train16,
+              "quantization": quantization}
     two = run_cmd([DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), script,
                    *as_argv({**common, "train_batch_size": 2, "save_dir": tmp_path / "two"})])
     run_cmd([PYTHON, script, *as_argv({**common, "train_batch_size": 4, "save_dir": tmp_path / "one"})])
@@ -125,18 +130,21 @@ def _kill_after(cmd, marker, timeout=600):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("finetuning,output", [("lora", "adapter_model"), ("full", "model")])
+@pytest.mark.parametrize("finetuning,output,quantization", [("lora", "adapter_model", "none"),
+                                                            ("full", "model", "none"),
+                                                            ("lora", "adapter_model", "4bit")])
 @pytest.mark.parametrize("script,ckpt,marker", [
     ("train_trainer.py", "checkpoint-4", "trainer_state.json"),
     # The step's export (adapter or whole model) is the last thing a DeepSpeed checkpoint writes.
     ("train_deepspeed.py", "checkpoints/global_step4", "{output}/train_args.json"),
 ])
 def test_resume_after_kill_matches_uninterrupted_run(tmp_path, tiny_model, train16, script, ckpt, marker,
-                                                     finetuning, output):
+                                                     finetuning, output, quantization):
     def weights(folder):
         return load_file(str(Path(folder) / f"{output}.safetensors"))
 
-    common = {**RESUME, "finetuning": finetuning, "model_dir": tiny_model, "train_path": train16, "dev_path": train16}
+    common = {**RESUME, "finetuning": finetuning, "quantization": quantization, "model_dir": tiny_model,
+              "train_path": train16, "dev_path": train16}
     run_cmd([PYTHON, script, *as_argv({**common, "save_dir": tmp_path / "once"})])
     killed = tmp_path / "killed"
     _kill_after([PYTHON, script, *as_argv({**common, "save_dir": killed})], killed / ckpt / marker.format(output=output))
