@@ -6,8 +6,8 @@
 # utilisation (MFU against the GPU's datasheet bf16 peak). Then the same training with the base
 # weights in 8-bit and in 4-bit (QLoRA), 20 steps each, for the peak GPU memory of each mode
 # (peak_memory_gib in results_gpu_8bit.json / results_gpu_4bit.json, beside the bf16 run's), to
-# set against the README's estimates (bench/memory_table.py). Expected under 12 minutes on one
-# H100; run after `make venv`. Not yet run on a GPU.
+# set against the README's estimates (bench/memory_table.py). The bf16 part is expected to take
+# under 8 minutes on one H100; run after `make venv`. Not yet run on a GPU.
 #   bash bench/gpu_check.sh            results in bench/out/{results_gpu*.json,BENCHMARKS_gpu*.md}
 set -euo pipefail
 cd "$(dirname "$0")/.."
