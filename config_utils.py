@@ -84,7 +84,13 @@ def parse_value(text):
 PATH_OR_TRUE = {"resume"}
 
 
+# Keys for which `none` is one of the values (quantization=none), not Python's None.
+NONE_IS_A_VALUE = {"quantization"}
+
+
 def _coerce(key, value, default, raw):
+    if value is None and key in NONE_IS_A_VALUE and raw.strip().lower() == "none":
+        return "none"
     if value is None:
         if default is None:
             return value

@@ -140,6 +140,13 @@ def test_path_key_refuses_a_boolean(text):
         parse([f"--model_dir={text}"])
 
 
+@pytest.mark.parametrize("default", [None, "none"])
+def test_none_is_a_value_of_quantization(default):
+    # `--quantization=none` asks for full-precision base weights: the text, whatever the default.
+    assert parse(["--quantization=none"], {**DEFAULTS, "quantization": default}).quantization == "none"
+    assert parse(["--quantization=None"], {**DEFAULTS, "quantization": default}).quantization == "none"
+
+
 @pytest.mark.parametrize("key,text", [("lora_r", "None"), ("save_dir", "None"), ("overwrite", "none")])
 def test_typed_key_refuses_none(key, text):
     with pytest.raises(ConfigError, match=f"config key '{key}' needs a .* value, not None"):
