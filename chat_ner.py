@@ -99,7 +99,8 @@ def ner_sentence(text):
 
 class Chat:
     def __init__(self, args):
-        from model_utils import generate, instruct_for, label_names_for, load_for_inference
+        from model_utils import instruct_for, label_names_for, load_for_inference
+        from generation import generate
 
         self._generate = generate
         self.args = args

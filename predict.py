@@ -14,8 +14,8 @@ from pathlib import Path
 from config_utils import ConfigError, check_writable, parse_config, run_cli
 from dataset import COLUMN_DEFAULTS, NO_ENTITY, QUERY_PREFIX, DataError, PromptEncoder, load_data, read_text, write_jsonl
 from metrics import mention_spans, parse_answer
-from model_utils import (INFER_DEFAULTS, check_infer_config, instruct_for, label_names_for, load_from_config,
-                         ner_generate, recorded_args)
+from generation import ner_generate
+from model_utils import INFER_DEFAULTS, check_infer_config, instruct_for, label_names_for, load_from_config, recorded_args
 
 DEFAULTS = {
     **INFER_DEFAULTS,

@@ -24,9 +24,9 @@ from model_utils import (
     check_infer_config,
     label_names_for,
     load_from_config,
-    ner_generate,
     recorded_args,
 )
+from generation import ner_generate
 from report import write_report
 
 DEFAULTS = {

@@ -20,8 +20,9 @@ import torch
 
 from config_utils import ConfigError, parse_config, run_cli
 from dataset import length_grouped_indices
+from loss import batch_loss
 from train_core import (
-    TRAIN_DEFAULTS, batch_loss, build_datasets, build_model, check_zero_stage, export_trained, finish_run,
+    TRAIN_DEFAULTS, build_datasets, build_model, check_zero_stage, export_trained, finish_run,
     load_checkpoint_file, load_datasets_checked, load_training_tokenizer, lr_schedule, output_dir, prepare_save_dir,
     report_engine, resolve_resume, save_dir_lock, start_run, training_dtype, validate_train_config,
 )

@@ -18,8 +18,9 @@ import torch
 
 from config_utils import ConfigError, parse_config, run_cli
 from dataset import share_files
+from loss import batch_loss
 from train_core import (
-    TRAIN_DEFAULTS, batch_loss, build_datasets, build_model, check_zero_stage, finish_run, latest_trainer_checkpoint,
+    TRAIN_DEFAULTS, build_datasets, build_model, check_zero_stage, finish_run, latest_trainer_checkpoint,
     load_datasets_checked, load_training_tokenizer, output_dir, prepare_save_dir, report_engine, resolve_resume,
     save_dir_lock, start_run, training_dtype, validate_train_config, verify_deepspeed_checkpoint,
 )

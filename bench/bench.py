@@ -183,7 +183,8 @@ def run_trainer(tcfg, pad_to=None):
 
 def run_bare(tcfg, batches):
     """The same optimizer steps over the same batches with no Trainer: forward, backward, clip, step."""
-    from train_core import batch_loss, build_model, lr_schedule, training_dtype
+    from train_core import build_model, lr_schedule, training_dtype
+    from loss import batch_loss
 
     model, _ = build_model(tcfg)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -222,7 +223,8 @@ def run_bare(tcfg, batches):
 
 def run_eval(model_dir, records, cfg):
     from dataset import PromptEncoder
-    from model_utils import load_model_and_tokenizer, ner_generate, shared_prefix_length
+    from model_utils import load_model_and_tokenizer
+    from generation import ner_generate, shared_prefix_length
 
     model, tokenizer = load_model_and_tokenizer(model_dir, dtype=cfg.dtype)
     args = {"max_seq_length": 512}
@@ -306,7 +308,7 @@ def flops_per_token(shape, context, training):
 
 def run_tokens(batch, share_prefix):
     """Tokens a training step runs through the model: the real ones, the shared prefix once."""
-    from train_core import loss_free_prefix_length
+    from loss import loss_free_prefix_length
 
     real = int(batch["attention_mask"].sum())
     return real - (len(batch["input_ids"]) - 1) * loss_free_prefix_length(batch) if share_prefix else real

@@ -81,7 +81,8 @@ def expected_prompt(arch, tokenizer, instruction):
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_architecture_trains_reloads_scores_and_merges(arch, tiny_model, train16, tmp_path):
-    from model_utils import generate, load_for_inference, load_model_and_tokenizer, ner_generate
+    from model_utils import load_for_inference, load_model_and_tokenizer
+    from generation import generate, ner_generate
 
     base = tmp_path / f"tiny-{arch}"
     build(arch, tiny_model, base)
@@ -114,7 +115,8 @@ def test_architecture_trains_reloads_scores_and_merges(arch, tiny_model, train16
 
     # The shared-prefix paths are exact on this architecture too: the training loss, and generation.
     from config_utils import parse_config
-    from train_core import TRAIN_DEFAULTS, loss_free_prefix_length, shared_prefix_loss
+    from train_core import TRAIN_DEFAULTS
+    from loss import loss_free_prefix_length, shared_prefix_loss
 
     cfg = parse_config(TRAIN_DEFAULTS, {**options, "save_dir": str(tmp_path / "trainer")})
     batch = NerCollate(cfg, loaded_tokenizer).pad([NerCollate(cfg, loaded_tokenizer).encode(r)
@@ -159,7 +161,8 @@ def test_generation_prefix_cache_under_a_sliding_window(window, tiny_model, trai
     tokens against MSRA's prompts) and left out when keys could slide out of it: the outputs are
     the plain batches' either way."""
     from dataset import PromptEncoder
-    from model_utils import generate, load_model_and_tokenizer, shared_prefix_length
+    from model_utils import load_model_and_tokenizer
+    from generation import generate, shared_prefix_length
 
     base = tmp_path / "gemma3"
     build("gemma3", tiny_model, base, sliding_window=window)

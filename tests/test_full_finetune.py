@@ -73,8 +73,10 @@ def test_unknown_tokenizer_type_is_a_config_error(tmp_path):
 @pytest.mark.slow
 def test_full_export_and_reload_give_the_same_greedy_outputs(tmp_path, char_model, train16):
     from config_utils import parse_config
-    from model_utils import load_for_inference, ner_generate
-    from train_core import TRAIN_DEFAULTS, batch_loss, build_datasets, build_model, export_trained, load_datasets_checked
+    from model_utils import load_for_inference
+    from generation import ner_generate
+    from train_core import TRAIN_DEFAULTS, build_datasets, build_model, export_trained, load_datasets_checked
+    from loss import batch_loss
 
     model_dir, _ = char_model
     cfg = parse_config(TRAIN_DEFAULTS, {"model_dir": str(model_dir), "train_path": str(train16), "dev_path": "",
@@ -166,7 +168,8 @@ def test_full_finetune_learns_and_the_scripts_load_it_like_an_adapter(full_run, 
              "--predictions_file", str(tmp_path / "chat.json"), "--only_cpu", "--max_new_tokens", "48",
              "--grounded", "False"], timeout=300)  # compared with plain generate below
     # chat_ner's own prompt (no newline between instruction and text) answered by the model loaded in this process.
-    from model_utils import generate, load_for_inference
+    from model_utils import load_for_inference
+    from generation import generate
 
     chat_prompt_ids = load_script("chat_ner").prompt_ids
     model, tokenizer, _ = load_for_inference(str(out), device="cpu")

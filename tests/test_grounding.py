@@ -273,7 +273,7 @@ def test30(msra_dir):
 
 
 def _generate(base_model, records, grounded, **options):
-    from model_utils import ner_generate
+    from generation import ner_generate
 
     model, tok = base_model
     return ner_generate(model, tok, {"max_seq_length": 512}, records, grounded=grounded,
@@ -331,7 +331,8 @@ def test_small_budget_never_cuts_a_line(base_model, test30, explore):
 
 
 def test_memorised_adapter_outputs_are_unchanged(memorised_trainer, train16, msra_dir):
-    from model_utils import load_for_inference, ner_generate
+    from model_utils import load_for_inference
+    from generation import ner_generate
 
     model, tok, train_args = load_for_inference(str(memorised_trainer / "adapter_model"), device="cpu")
     records = load_data(train16) + load_data(msra_dir["dir"] / "instruct_data" / "test.txt")[:8]

@@ -47,7 +47,7 @@ def mixed_records(train16, msra_dir):
 
 
 def test_greedy_outputs_do_not_depend_on_batch_size(loaded, mixed_records):
-    from model_utils import ner_generate
+    from generation import ner_generate
 
     model, tokenizer, train_args = loaded
     results = [ner_generate(model, tokenizer, train_args, mixed_records, batch_size=b, max_new_tokens=24)[0]
@@ -58,7 +58,7 @@ def test_greedy_outputs_do_not_depend_on_batch_size(loaded, mixed_records):
 
 def test_shared_prefix_cache_gives_the_same_outputs(loaded, mixed_records):
     from dataset import NerCollate
-    from model_utils import ner_generate, shared_prefix_length
+    from generation import ner_generate, shared_prefix_length
 
     model, tokenizer, train_args = loaded
     prompts = [NerCollate(train_args, tokenizer).inference_ids(r, 24)[0] for r in mixed_records]
@@ -71,7 +71,7 @@ def test_shared_prefix_cache_gives_the_same_outputs(loaded, mixed_records):
 
 
 def test_greedy_ignores_the_models_generation_defaults(loaded, mixed_records):
-    from model_utils import ner_generate
+    from generation import ner_generate
 
     model, tokenizer, train_args = loaded
     before = ner_generate(model, tokenizer, train_args, mixed_records, max_new_tokens=24)[0]
@@ -88,7 +88,7 @@ def test_greedy_ignores_the_models_generation_defaults(loaded, mixed_records):
 
 def test_too_many_new_tokens_for_the_context_is_a_clear_error(loaded, mixed_records):
     from config_utils import ConfigError
-    from model_utils import ner_generate
+    from generation import ner_generate
 
     model, tokenizer, train_args = loaded
     with pytest.raises(ConfigError, match="max_new_tokens=1000 leaves no room"):
@@ -104,7 +104,7 @@ def test_predict_non_utf8_input_is_one_line(adapter, tmp_path):
 
 
 def test_inference_prompt_is_the_training_prompt(loaded, mixed_records, monkeypatch):
-    import model_utils
+    import generation
 
     model, tokenizer, train_args = loaded
     seen = {}
@@ -113,8 +113,8 @@ def test_inference_prompt_is_the_training_prompt(loaded, mixed_records, monkeypa
         seen["prompts"] = prompts
         return [""] * len(prompts)
 
-    monkeypatch.setattr(model_utils, "generate", capture)
-    model_utils.ner_generate(model, tokenizer, train_args, mixed_records, max_new_tokens=8)
+    monkeypatch.setattr(generation, "generate", capture)
+    generation.ner_generate(model, tokenizer, train_args, mixed_records, max_new_tokens=8)
     collate = NerCollate(train_args, tokenizer)
     for rec, prompt in zip(mixed_records, seen["prompts"]):
         features = collate.encode(rec)

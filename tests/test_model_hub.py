@@ -18,7 +18,8 @@ from conftest import ROOT
 from dataset import DEFAULT_INSTRUCT, PROMPT_ID, PROMPT_TEMPLATE, QUERY_PREFIX, encode_prompt
 from model_hub import convert_llama_weights_to_hf as convert
 from model_hub import merge_llama_with_chinese_lora as merge
-from model_utils import generate, load_model_and_tokenizer
+from model_utils import load_model_and_tokenizer
+from generation import generate
 
 CONVERT = ROOT / "model_hub" / "convert_llama_weights_to_hf.py"
 MERGE = ROOT / "model_hub" / "merge_llama_with_chinese_lora.py"

@@ -75,7 +75,7 @@ def test_qlora_adapter_reloads_in_plain_peft(memorised_qlora, train16):
 # ----------------------------------------------------------------------------- merging
 
 def logits_and_outputs(model, tokenizer, prompts):
-    from model_utils import generate
+    from generation import generate
 
     with torch.no_grad():
         logits = [model(input_ids=torch.tensor([p])).logits for p in prompts]

@@ -246,8 +246,8 @@ def test_mpirun_launches_train_deepspeed(tmp_path, tiny_model, train16):
 
 def test_shared_prefix_loss_and_gradients_equal_the_plain_forward(tiny_model, train16):
     from config_utils import parse_config
-    from train_core import (TRAIN_DEFAULTS, build_datasets, build_model, load_datasets_checked,
-                            loss_free_prefix_length, shared_prefix_loss)
+    from loss import loss_free_prefix_length, shared_prefix_loss
+    from train_core import TRAIN_DEFAULTS, build_datasets, build_model, load_datasets_checked
 
     cfg = parse_config(TRAIN_DEFAULTS, {"model_dir": str(tiny_model), "train_path": str(train16), "dev_path": "",
                                         "lora_dropout": 0.0, "lora_modules_to_save": "embed_tokens,lm_head"})

@@ -114,7 +114,7 @@ def test_grammar_and_parser_agree_on_line_breaks(base_model):
 
 def test_grounded_answers_parse_for_any_sentence_and_label_name(base_model, monkeypatch):
     import grounding
-    from model_utils import ner_generate
+    from generation import ner_generate
 
     monkeypatch.setattr(grounding, "MID_ANSWER", None)  # any allowed token: the whole grammar is used
     model, tokenizer = base_model
