@@ -11,11 +11,12 @@ from dataset import PromptEncoder, TooLongError
 from model_utils import label_names_for
 
 def ner_generate(model, tokenizer, train_args, records, batch_size=16, max_new_tokens=64, progress=None,
-                 grounded=False, label_names=None, **generate_options):
+                 grounded=False, label_names=None, policy=None, **generate_options):
     """Instruct records -> raw generated answers, prompts built exactly as in training.
 
     With `grounded`, answers are constrained to substrings of each record's sentence (its query
-    after `文本：`) and the names of `label_names` (default: the adapter's label set); see grounding.py.
+    after `文本：`) and the names of `label_names` (default: the adapter's label set), choosing by
+    the greedy `policy` (default grounding.DEFAULT_POLICY); see grounding.py.
     Returns (outputs, number of queries shortened to fit the trained max_seq_length).
     """
     collate = PromptEncoder(train_args, tokenizer)
@@ -33,10 +34,10 @@ def ner_generate(model, tokenizer, train_args, records, batch_size=16, max_new_t
         shortened += cut
     grounding = None
     if grounded:
-        from grounding import Grounding, sentence_of
+        from grounding import DEFAULT_POLICY, Grounding, sentence_of
 
         grounding = Grounding([sentence_of(rec[collate.query_column]) for rec in records],
-                              label_names or label_names_for(train_args))
+                              label_names or label_names_for(train_args), policy or DEFAULT_POLICY)
     outputs = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
                        batch_size=batch_size, progress=progress, grounding=grounding, **generate_options)
     return outputs, shortened
@@ -72,9 +73,84 @@ def shared_prefix_length(prompts):
     return n if n >= MIN_SHARED_PREFIX else 0
 
 
+def _output_layer(model):
+    """The model's body (hidden states) and output layer, under a PEFT wrapper too (its LoRA
+    layers are inside them), and whether the output weights can be used row by row: a plain
+    nn.Linear. Anything else (a quantised or wrapped head) is run as a module on the full vocabulary."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = lm.get_output_embeddings()
+    return lm.model, head, type(head) is torch.nn.Linear
+
+
+def _logits(model, head, hidden, rows=None):
+    """Output logits of `hidden` (batch, hidden) as the model's own forward computes them (Gemma
+    2's final soft-capping included): for every token, or `rows` = (weight, bias) of the output
+    layer's rows for the tokens wanted."""
+    logits = head(hidden) if rows is None else torch.nn.functional.linear(hidden, *rows)
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap is not None:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def _greedy(model, input_ids, attention_mask, cache, shared, max_new_tokens, eos_id, answers=None):
+    """Greedy decoding of one left-padded batch; the generated ids of each row, EOS excluded.
+
+    Rows that finish leave the batch (their cache rows are dropped), so the rest run on a
+    smaller batch. With grounding (`answers`) and the `best_allowed` policy only the logits of
+    the tokens some row can allow are computed: the hidden state times those rows of the output
+    matrix, a few thousand of a vocabulary that may hold 262,144.
+    """
+    body, head, by_rows = _output_layer(model)
+    restricted = answers is not None and not answers.needs_full_logits and by_rows
+    token_ids = answers.token_ids(input_ids.device) if restricted else None
+    rows = None  # the output layer's rows for token_ids, gathered once per batch
+    if token_ids is not None:
+        rows = (head.weight[token_ids], None if head.bias is None else head.bias[token_ids])
+    # Positions from the mask, as transformers' generate computes them: left padding and the
+    # [shared prefix | padding | own tokens] layout of a cached batch put every token where it
+    # would be alone.
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    out = body(input_ids=input_ids[:, shared:], attention_mask=attention_mask, position_ids=positions[:, shared:],
+               cache=cache, use_cache=True)
+    cache, hidden = out.cache, out.last_hidden_state[:, -1]
+    alive = list(range(input_ids.shape[0]))  # batch rows still generating, in cache order
+    generated = [[] for _ in alive]
+    for step in range(max_new_tokens):
+        scores = _logits(model, head, hidden, rows)
+        if answers is None:
+            tokens = scores.argmax(-1).tolist()
+        else:
+            best = scores.argmax(-1).tolist() if answers.needs_full_logits else None
+            # Greedy takes the lowest id among exact ties, as argmax over the masked scores would.
+            tokens = [best[j] if allowed is None else min(allowed)
+                      for j, allowed in enumerate(answers.choose(alive, scores, restricted=restricted))]
+            by_row = [None] * len(answers.states)
+            for r, tok in zip(alive, tokens):
+                by_row[r] = tok
+            answers.advance(by_row)
+        for r, tok in zip(alive, tokens):
+            if tok != eos_id:
+                generated[r].append(tok)
+        keep = [j for j, tok in enumerate(tokens) if tok != eos_id]
+        if not keep or step == max_new_tokens - 1:
+            break
+        if len(keep) < len(alive):
+            index = torch.tensor(keep, device=input_ids.device)
+            cache.batch_select_indices(index)
+            attention_mask = attention_mask[index]
+            alive = [alive[j] for j in keep]
+            tokens = [tokens[j] for j in keep]
+        attention_mask = torch.nn.functional.pad(attention_mask, (0, 1), value=1)
+        out = body(input_ids=torch.tensor(tokens, device=input_ids.device)[:, None], attention_mask=attention_mask,
+                   position_ids=attention_mask.sum(-1, keepdim=True) - 1, cache=cache, use_cache=True)
+        cache, hidden = out.cache, out.last_hidden_state[:, -1]
+    return generated
+
+
 @torch.inference_mode()
 def generate(model, tokenizer, prompts, max_new_tokens=64, batch_size=8, progress=None,
-             max_prompt_tokens=None, prefix_cache=True, grounding=None, **sampling):
+             max_prompt_tokens=None, prefix_cache=True, grounding=None, own_loop=True, **sampling):
     """Token-id prompts -> decoded continuations, in input order.
 
     Prompts of similar length share a batch (less padding); padding sits on the left with an
@@ -84,10 +160,11 @@ def generate(model, tokenizer, prompts, max_new_tokens=64, batch_size=8, progres
     batch starts from a copy of their keys and values, its rows laid out as
     [shared prefix | left padding | own tokens]. Positions come from the attention mask, so
     every token sits where it would without the cache: the outputs are the same.
-    Greedy unless `sampling` has do_sample=True. Generation stops at EOS; the text after it is
-    dropped. `grounding` (grounding.Grounding: one sentence per prompt, None for a free row, and
-    the label set) constrains the answers to that sentence's substrings and the label names.
-    `progress(n)` is called after each batch.
+    Greedy (our own loop: finished rows leave the batch; `own_loop=False` runs transformers'
+    generate instead, the reference it is tested against) unless `sampling` has do_sample=True. Generation stops at EOS; the text after it is dropped.
+    `grounding` (grounding.Grounding: one sentence per prompt, None for a free row, the label
+    set and the greedy policy) constrains the answers to that sentence's substrings and the
+    label names. `progress(n)` is called after each batch.
     """
     import copy
 
@@ -116,8 +193,6 @@ def generate(model, tokenizer, prompts, max_new_tokens=64, batch_size=8, progres
         # MSRA prompt and answer under 200) nothing can drop out and the cache stays exact.
         shared = 0
     if grounding is not None:
-        from transformers import LogitsProcessorList
-
         import grounding as grounding_module
 
         # Sampling draws among the allowed tokens of the top candidates: at least top_k of them.
@@ -126,7 +201,7 @@ def generate(model, tokenizer, prompts, max_new_tokens=64, batch_size=8, progres
     prefix_kv = None
     if shared:
         prefix = torch.tensor([prompts[0][:shared]], device=device)
-        prefix_kv = model(input_ids=prefix, use_cache=True, logits_to_keep=1).cache  # only K/V are needed
+        prefix_kv = _output_layer(model)[0](input_ids=prefix, use_cache=True).cache  # only K/V: no logits
     outputs = [None] * len(prompts)
     for batch in _length_sorted_batches([len(p) for p in prompts], batch_size):
         longest = max(len(prompts[i]) for i in batch)
@@ -139,27 +214,33 @@ def generate(model, tokenizer, prompts, max_new_tokens=64, batch_size=8, progres
             attention_mask[row, start:] = 1
             input_ids[row, :shared] = torch.tensor(prompts[i][:shared])
             attention_mask[row, :shared] = 1
-        extra = {}
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        cache = None
         if prefix_kv is not None:
             cache = copy.deepcopy(prefix_kv)
             cache.batch_repeat_interleave(len(batch))
-            extra["cache"] = cache
-        processor = None
+        answers = None
         if grounding is not None:
-            processor = grounding_module.make_processor(tokenizer, grounding, batch, max_new_tokens, candidates,
-                                                        greedy=not gen_config.do_sample)
-            extra["logits_processor"] = LogitsProcessorList([processor])
-        generated = model.generate(
-            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-            generation_config=gen_config, **extra,
-        )
-        for row, i in enumerate(batch):
-            new = generated[row, longest:].tolist()
+            answers = grounding_module.answer_states(tokenizer, grounding, batch, max_new_tokens, candidates,
+                                                     greedy=not gen_config.do_sample)
+        if gen_config.do_sample or not own_loop:
+            from transformers import LogitsProcessorList
+
+            extra = {} if cache is None else {"cache": cache}
+            if answers is not None:
+                extra["logits_processor"] = LogitsProcessorList([grounding_module.GroundedLogitsProcessor(answers)])
+            generated = model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                       generation_config=gen_config, **extra)
+            new_ids = [generated[row, longest:].tolist() for row in range(len(batch))]
+        else:
+            new_ids = _greedy(model, input_ids, attention_mask, cache, shared, max_new_tokens,
+                              tokenizer.eos_token_id, answers)
+        for row, (i, new) in enumerate(zip(batch, new_ids)):
             if tokenizer.eos_token_id in new:
                 new = new[:new.index(tokenizer.eos_token_id)]
             outputs[i] = tokenizer.decode(new, skip_special_tokens=True).strip()
-            if processor is not None and processor.grammars[row] is not None:
-                outputs[i] = processor.grammars[row].finish(outputs[i])
+            if answers is not None:
+                outputs[i] = answers.finish(row, outputs[i])
         if progress is not None:
             progress(len(batch))
     return outputs

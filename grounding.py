@@ -22,16 +22,20 @@ How it works:
   the fewest tokens that spell what is missing. Answers are never cut mid-line.
 - Cheap and exact where the model already obeys: only the model's top `candidates` tokens (by
   logit) are checked, most likely first; greedy decoding stops at the first allowed one, so an
-  answer that obeys the grammar is generated unchanged. Past the first token, greedy decoding
-  takes the model's first choice or ends the answer there (the unfinished line is dropped):
-  a model that breaks the grammar mid-answer is inventing a string or repeating a pair, and a
-  forced second choice is mostly a wrong entity (MID_ANSWER). The first token, and a line that
-  must close before the budget runs out, scan the rest of the vocabulary in logit order. With
-  sampling, the draw is among the allowed tokens of the top `candidates` (as top_k would do).
+  answer that obeys the grammar is generated unchanged. When none of them is allowed, the
+  tokens the row can allow at all (`Grammar.relevant_ids`) are scanned in logit order.
+- Two greedy policies (POLICIES). `best_allowed`: every step takes the most likely allowed
+  token; it only ever looks at the tokens a row can allow (a few hundred of a 262,144-token
+  vocabulary), so generation computes only those logits. `first_choice`: past the first
+  token, the model's first choice over the whole vocabulary or the end of the answer there
+  (the unfinished line is dropped): a model that breaks the grammar mid-answer is inventing a
+  string or repeating a pair; it needs every logit. With sampling, the draw is among the
+  allowed tokens of the top `candidates` (as top_k would do).
 """
 import re
 import weakref
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from transformers import LogitsProcessor
@@ -40,10 +44,11 @@ from dataset import ENTITY_END, LINE_BREAK, NO_ENTITY, QUERY_PREFIX, label_name_
 
 INF = float("inf")
 CANDIDATES = 24  # top tokens (by logit) checked first; the wider scan only runs when none fits
-# Mid-answer, only the model's first choice is taken; when it breaks the grammar the answer ends.
-# Measured on the demo model (seed 42, 4,631 test sentences): first choice only, F1 0.400 (P 0.75,
-# R 0.27); top 3, 0.387; any of the top 24, 0.363 (P 0.36: it swaps in other types and strings).
-MID_ANSWER = 1  # None: any allowed token of the top CANDIDATES, then the wider scan (tests use it)
+# Greedy decoding's choice past the first token. Measured on the from-scratch demo model (seed 42,
+# 4,631 test sentences): first choice, F1 0.400 (P 0.75, R 0.27); any of the top 24, 0.363 (P 0.36:
+# it swaps in other types and strings).
+POLICIES = ("first_choice", "best_allowed")
+DEFAULT_POLICY = "first_choice"
 _NO_ENTITY = NO_ENTITY.encode()
 _BREAK, _END = LINE_BREAK.encode(), ENTITY_END.encode()  # the answer's line break and entity end, as bytes
 _BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
@@ -53,9 +58,24 @@ _VOCABS = weakref.WeakKeyDictionary()  # tokenizer -> _Vocab
 @dataclass
 class Grounding:
     """What generate needs to ground its answers: one sentence per prompt (None: that row is not
-    constrained) and the label set ({type code: name}); answers use the names."""
+    constrained), the label set ({type code: name}; answers use the names) and the greedy policy."""
     sentences: list
     label_names: dict
+    policy: str = DEFAULT_POLICY
+
+    def __post_init__(self):
+        if self.policy not in POLICIES:
+            raise ValueError(f"grounding policy {self.policy!r}: expected one of {', '.join(POLICIES)}")
+
+
+class State(NamedTuple):
+    """Where an answer stands: the current line's bytes, the lines completed, the (entity, name)
+    pairs they hold, and whether this line's leading spaces were given (one run of them per
+    line, so a model that keeps producing `▁` cannot spend its budget on spaces)."""
+    line: bytes
+    lines: int
+    seen: frozenset
+    spaced: bool
 
 
 def sentence_of(query):
@@ -164,9 +184,7 @@ def _char_end_missing(data):
 
 
 class Grammar:
-    """The answer grammar for one sentence. A state is (current line bytes, lines done, seen pairs,
-    whether this line's leading spaces were given: one run of them per line, so a model that
-    keeps producing `▁` cannot spend its budget on spaces)."""
+    """The answer grammar for one sentence; its states are `State`s."""
 
     def __init__(self, vocab, sentence, label_names):
         self.vocab = vocab
@@ -180,7 +198,7 @@ class Grammar:
         cheapest_close = min(self.close_cost.values())
         chars = {c for c in sentence if not c.isspace()}
         self.new_line_cost = min((vocab.mincost(c.encode()) for c in chars), default=INF) + cheapest_close
-        self.start = (b"", 0, frozenset(), False)
+        self.start = State(b"", 0, frozenset(), False)
         # Every token this grammar can ever allow is in here (a superset): parts of the sentence,
         # of the type names and of `没有`, tokens with `_`, a newline or only spaces, and EOS.
         fixed = _BREAK.join([_NO_ENTITY] + [raw for _, raw in self.names])
@@ -197,7 +215,7 @@ class Grammar:
         """The token ids that may be allowed in `state` (a superset), for the scan past the top
         candidates. Inside a line that is a list of a few: what continues the line where it
         occurs in the sentence, parts of the names, and tokens with `_`, a newline or spaces."""
-        line = state[0]
+        line = state.line
         if not line:
             if self._relevant_ids is None:
                 self._relevant_ids = torch.tensor(sorted(self.relevant), device=device)
@@ -259,7 +277,7 @@ class Grammar:
 
     def cost(self, state):
         """Fewest tokens that complete the answer from `state` (0: complete; inf: cannot)."""
-        line, lines, seen, _ = state
+        line, lines, seen = state.line, state.lines, state.seen
         best = INF
         if lines == 0 and _NO_ENTITY.startswith(line):
             best = self.vocab.mincost(_NO_ENTITY[len(line):])
@@ -304,7 +322,34 @@ class Grammar:
                 piece, spaced = piece.lstrip(b" "), True
             if piece:
                 line += piece
-        return line, lines, seen, spaced
+        return State(line, lines, seen, spaced)
+
+    def allowed(self, state, order, score_of, left, greedy=True):
+        """The allowed token ids among `order` (most likely first; `score_of`: id -> logit) with
+        `left` tokens of budget, this one included; greedy stops at the first one and its exact
+        ties. Also returns whether a grammatical token was refused only for the budget."""
+        tb, eos, found, first_score = self.vocab.token_bytes, self.vocab.eos_id, [], None
+        complete, relevant, over_budget = None, self._relevant, False  # relevant: a cheap filter once built
+        for tok in order:
+            if found and greedy and score_of[tok] != first_score:
+                break
+            if relevant is not None and tok not in relevant:
+                continue
+            if tok == eos:
+                if complete is None:
+                    complete = self.cost(state) == 0
+                ok = complete
+            else:
+                data = tb[tok]
+                nxt = self.step(state, data) if data else None
+                cost = self.cost(nxt) if nxt is not None else INF
+                ok = cost <= left - 1
+                over_budget |= left - 1 < cost < INF
+            if ok:
+                if not found:
+                    first_score = score_of[tok]
+                found.append(tok)
+        return found, over_budget
 
     def finish(self, text):
         """`text` cut back to its complete part: a last line that is not complete is dropped (a
@@ -321,96 +366,121 @@ class Grammar:
         return LINE_BREAK.join(kept).strip() or NO_ENTITY
 
 
-class GroundedLogitsProcessor(LogitsProcessor):
-    """Masks every token that would break its row's grammar; one generate call (one batch).
+class AnswerStates:
+    """The grammar states of one batch's rows while they generate, and the tokens each may take.
 
-    `grammars` has one Grammar (or None: unconstrained) per row. The prompt length is taken
-    from the first call, so the processor sees only the tokens generated after it (with left
-    padding and a shared-prefix cache, input_ids still hold the whole sequence).
+    `grammars` has one Grammar (or None: unconstrained) per row; `advance` feeds the tokens the
+    rows produced, `choose` returns what the rows may produce next from their scores. Scores may
+    cover the whole vocabulary or only the tokens in `token_ids` (the union of what the rows can
+    ever allow: `best_allowed` needs no other logit).
     """
 
-    def __init__(self, vocab, grammars, max_new_tokens, candidates=CANDIDATES, greedy=True):
-        self.vocab, self.grammars = vocab, grammars
+    def __init__(self, vocab, grammars, max_new_tokens, policy=DEFAULT_POLICY, candidates=CANDIDATES, greedy=True):
+        if policy not in POLICIES:
+            raise ValueError(f"grounding policy {policy!r}: expected one of {', '.join(POLICIES)}")
+        self.vocab, self.grammars, self.policy = vocab, grammars, policy
         self.max_new_tokens, self.candidates, self.greedy = max_new_tokens, candidates, greedy
         self.states = [g.start if g is not None else None for g in grammars]
-        self.prompt_len = None
+        self.done = 0  # tokens generated so far
+        self._token_ids = self._member = None
 
-    def _allowed(self, grammar, state, order, scores_row, left):
-        """Allowed token ids among `order` (most likely first): greedy stops at the first one
-        (and its exact ties)."""
-        tb, eos, found, first_score = self.vocab.token_bytes, self.vocab.eos_id, [], None
-        # A cheap filter once the row's relevant set exists; before that, the full check.
-        complete, relevant = None, grammar._relevant
-        self.over_budget = False  # a grammatical candidate was refused only for the budget
-        for tok in order:
-            if found and self.greedy:
-                if scores_row[tok] != first_score:
-                    break
-            if relevant is not None and tok not in relevant:
+    @property
+    def needs_full_logits(self):
+        """Whether `choose` needs the scores of every token: an unconstrained row, sampling, or the
+        `first_choice` policy (the model's first choice over the whole vocabulary)."""
+        return not self.greedy or self.policy == "first_choice" or any(g is None for g in self.grammars)
+
+    def token_ids(self, device):
+        """The sorted ids of every token some row can allow (a superset of each row's answers)."""
+        if self._token_ids is None:
+            ids = sorted(set().union(*(g.relevant for g in self.grammars)))
+            self._token_ids = torch.tensor(ids, device=device)
+            col = {tok: j for j, tok in enumerate(ids)}
+            member = torch.zeros(len(self.grammars), len(ids), dtype=torch.bool)
+            for r, g in enumerate(self.grammars):
+                member[r, [col[t] for t in g.relevant]] = True
+            self._member = member.to(device)
+        return self._token_ids
+
+    def active_rows(self):
+        return [r for r, s in enumerate(self.states) if s is not None]
+
+    def advance(self, tokens):
+        """Feed each row's last token (`tokens[r]`; ignored for rows that finished or are free)."""
+        for r, state in enumerate(self.states):
+            if state is None:
                 continue
-            if tok == eos:
-                if complete is None:
-                    complete = grammar.cost(state) == 0
-                ok = complete
+            if tokens[r] == self.vocab.eos_id:
+                self.states[r] = None  # finished
             else:
-                data = tb[tok]
-                nxt = grammar.step(state, data) if data else None
-                cost = grammar.cost(nxt) if nxt is not None else INF
-                ok = cost <= left - 1
-                self.over_budget |= left - 1 < cost < INF
-            if ok:
-                if not found:
-                    first_score = scores_row[tok]
-                found.append(tok)
-        return found
+                # Never None: the token was allowed in this state.
+                self.states[r] = self.grammars[r].step(state, self.vocab.token_bytes[tokens[r]] or b"")
+        self.done += 1
 
-    def __call__(self, input_ids, scores):
-        if self.prompt_len is None:
-            self.prompt_len = input_ids.shape[1]
-        done = input_ids.shape[1] - self.prompt_len
-        left = self.max_new_tokens - done  # tokens this step and after
-        rows = [r for r, s in enumerate(self.states) if s is not None]
-        if not rows:
-            return scores
-        if done:
-            last = input_ids[:, -1].tolist()
-            for r in rows:
-                if last[r] == self.vocab.eos_id:
-                    self.states[r] = None  # finished; generate pads it from here on
-                    continue
-                # None (stop constraining) cannot happen for a token this processor allowed.
-                self.states[r] = self.grammars[r].step(self.states[r], self.vocab.token_bytes[last[r]] or b"")
-            rows = [r for r in rows if self.states[r] is not None]
-            if not rows:
-                return scores
-        k = min(self.candidates, scores.shape[1])
+    def choose(self, rows, scores, restricted=False):
+        """The allowed tokens of each of `rows` (None for a free row), most likely first: greedy
+        keeps the best one and its exact ties, sampling every allowed one of the top candidates.
+        `scores` has one row per entry of `rows`, over the whole vocabulary or, `restricted`,
+        over `token_ids()` (rows' tokens outside their own set are masked here)."""
+        ids = self._token_ids if restricted else None
+        if restricted:
+            scores = scores.masked_fill(~self._member[rows], -INF)
+        left = self.max_new_tokens - self.done  # tokens this step and after
+        top = torch.topk(scores, min(self.candidates, scores.shape[1]), dim=1)
         # Scores travel to the host once per step with their ids (one read per token would be one
         # device sync each on a GPU); the greedy tie check compares these floats.
-        top = torch.topk(scores[rows], k, dim=1)
-        # Mid-answer, the model's own first choice decides (MID_ANSWER): when it breaks the
-        # grammar, the answer ends (below) rather than taking a less likely token.
-        strict = MID_ANSWER is not None and done and self.greedy
-        keep_rows, keep_cols = [], []
-        for r, order, values in zip(rows, top.indices.tolist(), top.values.tolist()):
+        top_ids = (top.indices if ids is None else ids[top.indices]).tolist()
+        strict = self.policy == "first_choice" and self.done > 0 and self.greedy
+        chosen = []
+        for j, (r, order, values) in enumerate(zip(rows, top_ids, top.values.tolist())):
             grammar, state = self.grammars[r], self.states[r]
-            row_scores = dict(zip(order, values))
-            allowed = self._allowed(grammar, state, order[:MID_ANSWER] if strict else order, row_scores, left)
-            if not allowed and strict and not self.over_budget:
-                # Mid-answer, every likely token breaks the grammar: the model is inventing a
+            if grammar is None or state is None:
+                chosen.append(None)
+                continue
+            allowed, over_budget = grammar.allowed(state, order[:1] if strict else order, dict(zip(order, values)),
+                                                   left, self.greedy)
+            if not allowed and strict and not over_budget:
+                # Mid-answer, the model's first choice breaks the grammar: it is inventing a
                 # string, repeating a pair or drifting from the format. Forcing a less likely
-                # token there names a wrong entity or type (measured: precision fell from 0.42
-                # to 0.24 on the demo model); ending the answer keeps what was complete
+                # token there names a wrong entity or type (measured: precision fell from 0.42 to
+                # 0.24 on the from-scratch demo model); ending the answer keeps what was complete
                 # (Grammar.finish drops the unfinished line).
                 allowed = [self.vocab.eos_id]
             if not allowed:
                 # The wider scan (the answer's first token, or a line to close before the budget
-                # runs out): the tokens this row can ever allow, most likely first.
-                ids = grammar.relevant_ids(state, scores.device)
-                values, where = torch.sort(scores[r, ids], descending=True)
-                rest = ids[where].tolist()
-                allowed = self._allowed(grammar, state, rest, dict(zip(rest, values.tolist())), left)
-            if not allowed:
-                allowed = [self.vocab.eos_id]  # nothing fits: end here; Grammar.finish drops a partial line
+                # runs out): the tokens this row can allow in this state, most likely first.
+                wide = grammar.relevant_ids(state, scores.device)
+                cols = wide if ids is None else torch.searchsorted(ids, wide)
+                values, where = torch.sort(scores[j, cols], descending=True)
+                rest = wide[where].tolist()
+                allowed, _ = grammar.allowed(state, rest, dict(zip(rest, values.tolist())), left, self.greedy)
+            chosen.append(allowed or [self.vocab.eos_id])  # nothing fits: end; finish drops a partial line
+        return chosen
+
+    def finish(self, row, text):
+        """Row `row`'s decoded answer, cut back to its complete part when the row is grounded."""
+        grammar = self.grammars[row]
+        return text if grammar is None else grammar.finish(text)
+
+
+class GroundedLogitsProcessor(LogitsProcessor):
+    """AnswerStates inside transformers' `generate` (sampling): masks every token that would
+    break its row's grammar. The prompt length is taken from the first call, so the processor
+    sees only the tokens generated after it."""
+
+    def __init__(self, answers):
+        self.answers = answers
+        self.started = False
+
+    def __call__(self, input_ids, scores):
+        if self.started:
+            self.answers.advance(input_ids[:, -1].tolist())
+        self.started = True
+        rows = self.answers.active_rows()
+        if not rows:
+            return scores
+        keep_rows, keep_cols = [], []
+        for r, allowed in zip(rows, self.answers.choose(rows, scores[rows])):
             keep_rows += [r] * len(allowed)
             keep_cols += allowed
         idx_r = torch.tensor(keep_rows, device=scores.device)
@@ -424,9 +494,9 @@ class GroundedLogitsProcessor(LogitsProcessor):
         return scores
 
 
-def make_processor(tokenizer, grounding, rows, max_new_tokens, candidates=CANDIDATES, greedy=True):
-    """The processor for one batch: `rows` are the indices of its prompts in `grounding.sentences`."""
+def answer_states(tokenizer, grounding, rows, max_new_tokens, candidates=CANDIDATES, greedy=True):
+    """The AnswerStates of one batch: `rows` are the indices of its prompts in `grounding.sentences`."""
     vocab = vocab_for(tokenizer)
     grammars = [None if grounding.sentences[i] is None else Grammar(vocab, grounding.sentences[i], grounding.label_names)
                 for i in rows]
-    return GroundedLogitsProcessor(vocab, grammars, max_new_tokens, candidates, greedy)
+    return AnswerStates(vocab, grammars, max_new_tokens, grounding.policy, candidates, greedy)

@@ -169,10 +169,11 @@ def test_a_token_can_span_entity_end_separator_and_newline(grammar):
     assert not fits(grammar, "北", "京_地名\n上")
 
 
-def _processor(tokenizer, sentence, max_new_tokens, greedy=True):
-    from grounding import Grounding, make_processor
+def _processor(tokenizer, sentence, max_new_tokens, greedy=True, policy="first_choice"):
+    from grounding import GroundedLogitsProcessor, Grounding, answer_states
 
-    return make_processor(tokenizer, Grounding([sentence], DEFAULT_LABEL_NAMES), [0], max_new_tokens, greedy=greedy)
+    grounding = Grounding([sentence], DEFAULT_LABEL_NAMES, policy)
+    return GroundedLogitsProcessor(answer_states(tokenizer, grounding, [0], max_new_tokens, greedy=greedy))
 
 
 def _best(processor, generated, prefer, vocab_size, prompt_len=5):
@@ -194,12 +195,10 @@ def _own(tok, text):
 
 
 @pytest.fixture
-def explore(monkeypatch):
-    """Mid-answer, take any allowed token (the wider scan) instead of ending the answer: exercises
-    the whole grammar where the default would stop at the first broken choice."""
-    import grounding
-
-    monkeypatch.setattr(grounding, "MID_ANSWER", None)
+def explore():
+    """Mid-answer, take the best allowed token (the wider scan) instead of ending the answer:
+    exercises the whole grammar where first_choice would stop at the first broken choice."""
+    return "best_allowed"
 
 
 def test_mid_answer_a_broken_first_choice_ends_the_answer(tiny_model):
@@ -229,18 +228,18 @@ def test_processor_keeps_the_model_choice_when_it_fits_and_corrects_it_otherwise
     n = len(tok)
     span, span_line = tok.convert_tokens_to_ids("京_"), tok.convert_tokens_to_ids("京_地名\n李")
     bei = _own(tok, "北")
-    assert _best(_processor(tok, SENTENCE, 16), bei, [span], n) == span
-    assert _best(_processor(tok, SENTENCE, 16), bei, [span_line], n) == span_line
+    assert _best(_processor(tok, SENTENCE, 16, policy=explore), bei, [span], n) == span
+    assert _best(_processor(tok, SENTENCE, 16, policy=explore), bei, [span_line], n) == span_line
     # Tokens sharing no character with anything an answer may hold: never allowed. With 40 of
     # them ranked first, the choice comes from the wider scan past the top candidates.
     usable = set(SENTENCE + "".join(NAMES) + "没有_\n ")
     foreign = [i for i in range(3, n) if not tok.convert_ids_to_tokens(i).startswith("<0x")
                and not set(tok.decode([i])) & usable and tok.decode([i])][:40]
     assert len(foreign) == 40
-    assert _best(_processor(tok, SENTENCE, 16), bei, foreign + [span], n) == span
+    assert _best(_processor(tok, SENTENCE, 16, policy=explore), bei, foreign + [span], n) == span
     # EOS is refused mid-line, accepted after a complete line.
-    assert _best(_processor(tok, SENTENCE, 16), bei, [tok.eos_token_id, span], n) == span
-    assert _best(_processor(tok, SENTENCE, 16), _own(tok, "北京_地名"), [tok.eos_token_id], n) == tok.eos_token_id
+    assert _best(_processor(tok, SENTENCE, 16, policy=explore), bei, [tok.eos_token_id, span], n) == span
+    assert _best(_processor(tok, SENTENCE, 16, policy=explore), _own(tok, "北京_地名"), [tok.eos_token_id], n) == tok.eos_token_id
 
 
 def test_processor_closes_the_line_when_the_budget_runs_out(tiny_model, explore):
@@ -250,12 +249,12 @@ def test_processor_closes_the_line_when_the_budget_runs_out(tiny_model, explore)
     n = len(tok)
     so_far, more, underscore = _own(tok, "北京大学"), _own(tok, "见到")[:1], tok.convert_tokens_to_ids("_")
     # 北京大学见到 is in the sentence, so with room to spare the model's choice stands...
-    assert _best(_processor(tok, SENTENCE, 40), so_far, more + [underscore], n) == more[0]
+    assert _best(_processor(tok, SENTENCE, 40, policy=explore), so_far, more + [underscore], n) == more[0]
     # ...but with only the 2 tokens for `_` and a name left, the line must close now. (Closing
     # takes exactly 2 here: `_` is a token of its own and some type name is one token.)
     pieces = tok.convert_ids_to_tokens(list(range(n)))
     assert not any("_" in p and p != "_" for p in pieces) and set(pieces) & NAMES
-    choice = _best(_processor(tok, SENTENCE, len(so_far) + 2), so_far, more + [underscore], n)
+    choice = _best(_processor(tok, SENTENCE, len(so_far) + 2, policy=explore), so_far, more + [underscore], n)
     assert choice == underscore
 
 
@@ -306,9 +305,9 @@ def test_random_model_answers_are_grounded(base_model, test30, explore):
     results = {}
     for name, options in runs.items():
         torch.manual_seed(0)
-        results[name] = _generate(base_model, test30, True, **options)
+        results[name] = _generate(base_model, test30, True, policy=explore, **options)
     torch.manual_seed(0)
-    results["sampling"] = _generate(base_model, test30, True, do_sample=True, temperature=1.0, top_k=0, top_p=1.0)
+    results["sampling"] = _generate(base_model, test30, True, policy=explore, do_sample=True, temperature=1.0, top_k=0, top_p=1.0)
     found = 0
     for name, outputs in results.items():
         for output, sentence in zip(outputs, sentences):
@@ -325,7 +324,7 @@ def test_random_model_answers_are_grounded(base_model, test30, explore):
 def test_small_budget_never_cuts_a_line(base_model, test30, explore):
     sentences = [r["query"].removeprefix("文本：") for r in test30]
     for budget in (3, 6):
-        outputs = _generate(base_model, test30, True, max_new_tokens=budget)
+        outputs = _generate(base_model, test30, True, policy=explore, max_new_tokens=budget)
         found = sum(len(check_grounded(output, sentence)) for output, sentence in zip(outputs, sentences))
         assert found > 0  # lines were closed within the budget, not only `没有` given
 

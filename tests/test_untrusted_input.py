@@ -112,16 +112,15 @@ def test_grammar_and_parser_agree_on_line_breaks(base_model):
         assert parsed.bad_lines == [] and parsed.entities == [(f"北{brk}京", "LOC"), ("李鑫", "PER")]
 
 
-def test_grounded_answers_parse_for_any_sentence_and_label_name(base_model, monkeypatch):
-    import grounding
+def test_grounded_answers_parse_for_any_sentence_and_label_name(base_model):
     from generation import ner_generate
 
-    monkeypatch.setattr(grounding, "MID_ANSWER", None)  # any allowed token: the whole grammar is used
     model, tokenizer = base_model
     names = {"PER": "人\u2028名", "LOC": "地\r名", "ORG": "机\x85构"}
     records = [{"instruct": "抽取实体", "query": f"文本：北京{b}大学的李{b}鑫在上海{b}工作"} for b in BREAKS]
     torch.manual_seed(0)
     outputs, _ = ner_generate(model, tokenizer, {"max_seq_length": 512}, records, batch_size=4, max_new_tokens=24,
+                              policy="best_allowed",  # any allowed token: the whole grammar is used
                               grounded=True, label_names=names, do_sample=True, temperature=1.0, top_k=0, top_p=1.0)
     found = 0
     for output, rec in zip(outputs, records):

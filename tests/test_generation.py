@@ -1,0 +1,113 @@
+"""Generation's own greedy loop, checked against transformers' generate one prompt at a time.
+
+The loop drops finished rows from the batch and, with grounding's best_allowed policy, computes
+only the logits of the tokens a row can allow; neither may change an answer.
+"""
+import pytest
+import torch
+
+from dataset import DEFAULT_LABEL_NAMES, PromptEncoder, load_data
+from test_architectures import ARCHS, build
+
+
+def reference(model, tokenizer, prompts, max_new_tokens, processor_for=None):
+    """Each prompt alone through transformers' generate (greedy), decoded as generate() decodes."""
+    outputs = []
+    for i, prompt in enumerate(prompts):
+        extra = {}
+        if processor_for is not None:
+            from transformers import LogitsProcessorList
+
+            extra["logits_processor"] = LogitsProcessorList([processor_for(i)])
+        ids = torch.tensor([prompt])
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                 do_sample=False, num_beams=1, repetition_penalty=1.0, pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=tokenizer.eos_token_id, **extra)
+        new = out[0, len(prompt):].tolist()
+        if tokenizer.eos_token_id in new:
+            new = new[:new.index(tokenizer.eos_token_id)]
+        outputs.append(tokenizer.decode(new, skip_special_tokens=True).strip())
+    return outputs
+
+
+def prompts_of(tokenizer, records, max_new_tokens):
+    encoder = PromptEncoder({"prompt_style": "alpaca"}, tokenizer)
+    return [encoder.inference_ids(r, max_new_tokens, 512)[0] for r in records]
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_greedy_loop_is_transformers_generate(arch, tiny_model, train16, tmp_path):
+    from generation import generate
+    from model_utils import load_model_and_tokenizer
+
+    build(arch, tiny_model, tmp_path / arch)
+    model, tokenizer = load_model_and_tokenizer(str(tmp_path / arch), dtype="float32", device="cpu")
+    prompts = prompts_of(tokenizer, load_data(train16)[:5], 10)
+    assert len(set(map(len, prompts))) > 1  # left padding is exercised
+    expected = reference(model, tokenizer, prompts, 10)
+    assert generate(model, tokenizer, prompts, max_new_tokens=10, batch_size=5, prefix_cache=True) == expected
+    assert generate(model, tokenizer, prompts, max_new_tokens=10, batch_size=2, prefix_cache=False) == expected
+
+
+def test_finished_rows_leave_the_batch(memorised_trainer, train16, msra_dir):
+    from generation import generate
+    from model_utils import load_for_inference
+
+    model, tokenizer, _ = load_for_inference(str(memorised_trainer / "adapter_model"), device="cpu")
+    records = load_data(train16)[:8]
+    prompts = prompts_of(tokenizer, records, 48)
+    body = model.get_base_model().model
+    rows = []  # batch size of every one-token decoding step
+    hook = body.register_forward_pre_hook(
+        lambda m, a, kw: rows.append(kw["input_ids"].shape[0]) if kw["input_ids"].shape[1] == 1 else None,
+        with_kwargs=True)
+    outputs = generate(model, tokenizer, prompts, max_new_tokens=48, batch_size=8)
+    hook.remove()
+    assert outputs == [r["answer"] for r in records]  # the memorised answers: of different lengths
+    lengths = [len(tokenizer.encode(a, add_special_tokens=False)) for a in outputs]
+    assert len(set(lengths)) > 1
+    # One step per token of the longest answer (its EOS is chosen from the last step's logits),
+    # and each step runs only the rows whose answer is not finished yet.
+    assert rows == sorted(rows, reverse=True) and rows[0] == 8 and rows[-1] < 8
+    assert outputs == reference(model, tokenizer, prompts, 48)
+
+
+@pytest.mark.parametrize("policy, model_kind", [("best_allowed", "random"), ("best_allowed", "memorised"),
+                                                ("first_choice", "memorised")])
+def test_grounded_greedy_is_the_processor_in_transformers_generate(policy, model_kind, request, tiny_model, msra_dir):
+    """The processor inside transformers' generate sees every logit; the loop with best_allowed
+    computes only the allowed tokens' (the output layer never runs on the whole vocabulary)
+    where the output layer is a plain linear layer (the random model), and runs it whole where
+    it is not (the memorised adapter trains a copy of it: PEFT's modules_to_save)."""
+    from generation import ner_generate
+    from grounding import GroundedLogitsProcessor, Grounding, answer_states, sentence_of
+    from model_utils import load_for_inference, load_model_and_tokenizer
+
+    test = load_data(msra_dir["dir"] / "instruct_data" / "test.txt")
+    if model_kind == "random":
+        model, tokenizer = load_model_and_tokenizer(tiny_model, device="cpu")
+        records = test[:12]
+    else:
+        adapter = request.getfixturevalue("memorised_trainer") / "adapter_model"
+        model, tokenizer, _ = load_for_inference(str(adapter), device="cpu")
+        # Memorised sentences (answers with entities) and unseen ones (where the grammar intervenes).
+        records = load_data(request.getfixturevalue("train16"))[:6] + test[:6]
+    grounding = Grounding([sentence_of(r["query"]) for r in records], DEFAULT_LABEL_NAMES, policy)
+    states = {}
+
+    def processor_for(i):
+        states[i] = answer_states(tokenizer, grounding, [i], 16)
+        return GroundedLogitsProcessor(states[i])
+
+    expected = [states[i].finish(0, text) for i, text in
+                enumerate(reference(model, tokenizer, prompts_of(tokenizer, records, 16), 16, processor_for))]
+    head = (model.get_base_model() if hasattr(model, "get_base_model") else model).get_output_embeddings()
+    calls = []
+    hook = head.register_forward_hook(lambda m, a, out: calls.append(out.shape))
+    outputs, _ = ner_generate(model, tokenizer, {"max_seq_length": 512}, records, batch_size=6, max_new_tokens=16,
+                              grounded=True, policy=policy)
+    hook.remove()
+    assert outputs == expected
+    assert sum(o != "没有" for o in outputs) > 3  # entities were named, not only 没有
+    assert (len(calls) == 0) == (policy == "best_allowed" and model_kind == "random")
