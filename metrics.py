@@ -135,6 +135,28 @@ def score(examples, label_names=None):
     }
 
 
+def bootstrap_f1(examples, resamples=1000, seed=0, level=0.95):
+    """A percentile bootstrap interval for set-level micro F1: sentences are drawn with
+    replacement (the unit the sample was drawn in) and F1 recomputed from their tp/fp/fn."""
+    import random
+
+    counts = []
+    for ex in examples:
+        gold, pred = _as_set(ex.get("gold", ())), _as_set(ex.get("pred", ()))
+        counts.append((len(gold & pred), len(pred - gold), len(gold - pred)))
+    if not counts:
+        return [0.0, 0.0]
+    rng, n, f1s = random.Random(seed), len(counts), []
+    for _ in range(resamples):
+        tp = fp = fn = 0
+        for i in rng.choices(range(n), k=n):
+            tp, fp, fn = tp + counts[i][0], fp + counts[i][1], fn + counts[i][2]
+        f1s.append(_prf(tp, fp, fn)[2])
+    f1s.sort()
+    cut = (1 - level) / 2
+    return [f1s[int(cut * resamples)], f1s[min(resamples - 1, int((1 - cut) * resamples))]]
+
+
 def format_table(metrics):
     """The dict from `score` (plus its `mention` level when present) as aligned text tables
     followed by the diagnostic counts."""
@@ -145,6 +167,11 @@ def format_table(metrics):
         lines += ["", "mention errors: " + ", ".join(f"{cls} {errors[cls]}" for cls in ERROR_CLASSES)]
     extras = [
         ("tp / fp / fn", f"{metrics['tp']} / {metrics['fp']} / {metrics['fn']}"),
+    ]
+    if "f1_ci95" in metrics:
+        low, high = metrics["f1_ci95"]
+        extras.append(("micro F1 95% CI", f"{low:.4f} - {high:.4f} (bootstrap over sentences)"))
+    extras += [
         ("exact match", f"{metrics['exact_match']:.4f} ({metrics['num_examples']} sentences)"),
         ("no-entity accuracy", f"{metrics['no_entity_accuracy']:.4f} "
                                f"({metrics['no_entity_sentences']} sentences without entities)"),

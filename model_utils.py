@@ -17,6 +17,7 @@ import torch
 
 from config_utils import ConfigError, UserError
 from dataset import DEFAULT_LABEL_NAMES, PROMPT_STYLES, check_label_names, ner_instruct, read_data_info
+from grounding import DEFAULT_POLICY, POLICIES
 
 TRAIN_ARGS_FILE = "train_args.json"
 MODEL_HELP = (
@@ -39,6 +40,7 @@ INFER_DEFAULTS = {
     "batch_size": 32,  # prompts generated together (similar lengths are grouped)
     "max_new_tokens": 64,  # answer budget; MSRA answers are ~10 tokens, the longest ~60
     "grounded": True,  # answers may only name substrings of the sentence and the label set's types (grounding.py)
+    "grounding_policy": DEFAULT_POLICY,  # greedy grounded choice: best_allowed (only allowed tokens' logits) or first_choice (README)
     "dtype": "auto",  # auto: bf16/fp16 on a GPU, fp32 on CPU
     "device": "auto",  # auto: cuda when available, else cpu; or e.g. cuda:1
     "trust_remote_code": False,  # run code shipped with the model (only for models transformers lacks)
@@ -53,6 +55,8 @@ def check_infer_config(cfg):
             raise ConfigError(f"config key '{key}': {cfg[key]} must be at least 1")
     resolve_dtype(cfg.dtype)
     check_device(cfg.device)
+    if cfg.grounding_policy not in POLICIES:
+        raise ConfigError(f"config key 'grounding_policy': {cfg.grounding_policy!r} is not one of {', '.join(POLICIES)}")
     if cfg.quantization is not None:
         check_quantization_name(cfg.quantization)
     if cfg.no_adapter and not cfg.model_dir:

@@ -166,7 +166,7 @@ def main(argv=None):
     pieces, owners, starts = windowed(records, tokenizer, train_args, cfg.max_new_tokens,
                                       model.config.max_position_embeddings)
     outputs, _ = ner_generate(model, tokenizer, train_args, pieces, cfg.batch_size, cfg.max_new_tokens,
-                              grounded=cfg.grounded, label_names=label_names)
+                              grounded=cfg.grounded, label_names=label_names, policy=cfg.grounding_policy)
     results = [{"text": r["query"].removeprefix(QUERY_PREFIX), "outputs": [], "entities": [], "windows": 0}
                for r in records]
     for piece, owner, start, output in zip(pieces, owners, starts, outputs):

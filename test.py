@@ -13,12 +13,13 @@ annotated character span, as the BERT-CRF literature counts MSRA; gold spans com
 ori_data file process.py wrote beside the instruct data).
 """
 import json
+import random
 import time
 from pathlib import Path
 
 from config_utils import ConfigError, check_writable, parse_config, run_cli
 from dataset import QUERY_PREFIX, DataError, atomic_write_text, columns_of, load_data, read_text, write_jsonl
-from metrics import format_table, mention_spans, parse_answer, score, score_mentions
+from metrics import bootstrap_f1, format_table, mention_spans, parse_answer, score, score_mentions
 from model_utils import (
     INFER_DEFAULTS,
     check_infer_config,
@@ -33,6 +34,8 @@ DEFAULTS = {
     **INFER_DEFAULTS,
     "test_path": "data/msra/instruct_data/test.txt",  # instruct JSONL with gold answers
     "limit": 0,  # evaluate the first N examples only (0 = all)
+    "sample": 0,  # evaluate a seeded random sample of N examples (0 = all); metrics.json gets a bootstrap interval
+    "seed": 0,  # the sample's seed
     "output_dir": None,  # None: the adapter folder (or ./outputs/base_model with no_adapter)
 }
 
@@ -107,6 +110,9 @@ def main(argv=None):
     records, linenos = load_data(cfg.test_path, columns, line_numbers=True)
     if cfg.limit > 0:
         records, linenos = records[:cfg.limit], linenos[:cfg.limit]
+    if 0 < cfg.sample < len(records):
+        keep = sorted(random.Random(cfg.seed).sample(range(len(records)), cfg.sample))  # file order kept
+        records, linenos = [records[i] for i in keep], [linenos[i] for i in keep]
     label_names = label_names_for(recorded, cfg.test_path)
     golds = gold_answers(records, linenos, answer_col, label_names, cfg.test_path)
     texts = [rec[query_col].removeprefix(QUERY_PREFIX) for rec in records]
@@ -118,7 +124,7 @@ def main(argv=None):
     with tqdm(total=len(records), desc="test", unit="ex") as bar:
         outputs, shortened = ner_generate(model, tokenizer, train_args, records, cfg.batch_size,
                                           cfg.max_new_tokens, progress=bar.update, grounded=cfg.grounded,
-                                          label_names=label_names)
+                                          label_names=label_names, policy=cfg.grounding_policy)
     elapsed = time.perf_counter() - start
 
     examples, rows = [], []
@@ -133,7 +139,9 @@ def main(argv=None):
     for ex, gold, sentence_spans in zip(examples, golds, spans or [None] * len(examples)):
         # Without ori_data, every occurrence of each gold string stands in for its spans.
         ex["gold_spans"] = sentence_spans if spans else mention_spans(ex["text"], gold.entities)
-    metrics.update(level="set", examples_per_second=len(records) / elapsed, queries_shortened=shortened,
+    metrics.update(level="set", f1_ci95=bootstrap_f1(examples, seed=cfg.seed), sample=cfg.sample or None,
+                   seed=cfg.seed, grounding_policy=cfg.grounding_policy if cfg.grounded else None,
+                   examples_per_second=len(records) / elapsed, queries_shortened=shortened,
                    test_path=str(cfg.test_path), lora_model=None if cfg.no_adapter else str(cfg.lora_model),
                    label_names=label_names)
     metrics["mention"] = score_mentions(examples, label_names)

@@ -57,6 +57,13 @@ DEFAULTS = {
     "markdown": str(ROOT / "BENCHMARKS.md"),  # the same as tables
     "work_dir": str(ROOT / "bench" / "out"),  # the random model and throwaway checkpoints
     "seed": 0,
+    # The real-model section (skipped with one line when the folder is absent; `make gemma` makes it).
+    "real_model_dir": str(ROOT / "model_hub" / "gemma-3-270m"),
+    "real_adapter": str(ROOT / "checkpoint" / "msra" / "gemma" / "adapter_model"),  # a tuned adapter (make demo); absent: an untrained LoRA
+    "real_train_steps": 6,  # optimizer steps per real-model training variant (the first 2 not timed)
+    "real_train_batch_size": 8,
+    "real_eval_examples": 128,  # seeded sample of MSRA test sentences for the real-model generation variants
+    "real_eval_batch_size": 32,  # test.py's default batch_size
 }
 
 
@@ -314,6 +321,118 @@ def run_tokens(batch, share_prefix):
     return real - (len(batch["input_ids"]) - 1) * loss_free_prefix_length(batch) if share_prefix else real
 
 
+def body_shape(model_dir):
+    """(matmul weights of the body N, layers, hidden, vocabulary): the output layer apart, since
+    training computes it only where a target is trained and grounded generation only for the
+    tokens a row can allow."""
+    model = meta_model(model_dir)
+    head = model.get_output_embeddings()
+    n = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head)
+    return n, model.config.num_hidden_layers, model.config.hidden_size, head.weight.shape[0]
+
+
+class Stopwatch:
+    """Time spent inside some functions (wrapped in place for one run, restored after)."""
+
+    def __init__(self, owner, names):
+        self.owner, self.names, self.seconds, self.saved = owner, names, 0.0, {}
+
+    def __enter__(self):
+        for name in self.names:
+            fn = self.saved[name] = getattr(self.owner, name)
+
+            def timed(*args, _fn=fn, **kwargs):
+                start = time.perf_counter()
+                try:
+                    return _fn(*args, **kwargs)
+                finally:
+                    self.seconds += time.perf_counter() - start
+            setattr(self.owner, name, timed)
+        return self
+
+    def __exit__(self, *exc):
+        for name, fn in self.saved.items():
+            setattr(self.owner, name, fn)
+
+
+def run_real_model(cfg, peak):
+    """Gemma 3 270M (or any real model folder): LoRA training through the Trainer against the bare
+    loop, and grounded generation as test.py ran it before (transformers' generate, first_choice)
+    against the own loop with either policy. None when the folder is absent."""
+    import random
+
+    from generation import ner_generate
+    from grounding import AnswerStates
+    from model_utils import load_for_inference, load_model_and_tokenizer
+
+    model_dir = cfg.real_model_dir
+    if not model_dir or not (Path(model_dir) / "config.json").is_file():
+        print(f"real-model section skipped: no model in '{model_dir}' (make gemma prepares Gemma 3 270M)")
+        return None
+    n_body, layers, hidden, vocab = body_shape(model_dir)
+    work = Path(cfg.work_dir)
+    steps = cfg.real_train_steps
+    tcfg = train_config(cfg, model_dir, str(work / "real-ours"), True, 256)
+    tcfg.max_steps, tcfg.train_batch_size, tcfg.log_steps = steps, cfg.real_train_batch_size, 1
+    train = {}
+    train["ours"], counting = run_trainer(tcfg)
+    train["bare"] = run_bare(tcfg, counting.batches[:steps])
+    timed = counting.batches[WARMUP_STEPS:steps]
+    tokens = sum(run_tokens(b, True) for b in timed)
+    trained = sum(int((b["labels"][:, 1:] != -100).sum()) for b in timed)  # positions whose logits the loss needs
+    context = sum(int(b["attention_mask"].sum()) for b in timed) / sum(len(b["input_ids"]) for b in timed)
+    flops = tokens * (4 * n_body + 3 * 4 * layers * hidden * context) + trained * 4 * vocab * hidden
+    for stats in train.values():
+        stats["mfu"] = flops / stats["seconds"] / peak
+
+    adapter = cfg.real_adapter if cfg.real_adapter and (Path(cfg.real_adapter) / "adapter_config.json").is_file() else None
+    if adapter:
+        model, tokenizer, train_args = load_for_inference(adapter, model_dir=model_dir, dtype=cfg.dtype)
+    else:
+        from peft import LoraConfig, get_peft_model
+
+        model, tokenizer = load_model_and_tokenizer(model_dir, dtype=cfg.dtype)
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear")).eval()
+        train_args = {"max_seq_length": 256}
+    records = load_data(cfg.test_path)
+    records = [records[i] for i in sorted(random.Random(cfg.seed).sample(range(len(records)), cfg.real_eval_examples))]
+    variants = {"transformers_first_choice": dict(own_loop=False, policy="first_choice"),
+                "own_first_choice": dict(policy="first_choice"),
+                "own_best_allowed": dict(policy="best_allowed"),
+                "transformers_best_allowed": dict(own_loop=False, policy="best_allowed")}
+    ner_generate(model, tokenizer, train_args, records[:2], max_new_tokens=4, grounded=True)  # warm-up, token table
+    from dataset import PromptEncoder
+    from generation import shared_prefix_length
+
+    encoder = PromptEncoder(train_args, tokenizer)
+    prompt_ids = [encoder.inference_ids(r, 64, 2048)[0] for r in records]
+    own_prompt = sum(map(len, prompt_ids)) - (len(records) - 1) * shared_prefix_length(prompt_ids)
+    evals, outputs = {}, {}
+    for name, options in variants.items():
+        with Stopwatch(AnswerStates, ("choose", "advance")) as grammar:
+            start = time.perf_counter()
+            outputs[name], _ = ner_generate(model, tokenizer, train_args, records, batch_size=cfg.real_eval_batch_size,
+                                            max_new_tokens=64, grounded=True, **options)
+            elapsed = time.perf_counter() - start
+        answer = sum(len(tokenizer.encode(o, add_special_tokens=False)) + 1 for o in outputs[name])  # + EOS
+        avg_context = sum(map(len, prompt_ids)) / len(records)
+        body_flops = (own_prompt + answer) * (2 * n_body + 4 * layers * hidden * avg_context)
+        evals[name] = {"seconds": elapsed, "examples_per_second": len(records) / elapsed,
+                       "answer_tokens": answer / len(records), "mfu": body_flops / elapsed / peak,
+                       "grammar_share": grammar.seconds / elapsed}
+    differ = sum(a != b for a, b in zip(outputs["own_first_choice"], outputs["own_best_allowed"]))
+    return {
+        "model": model_dir, "adapter": adapter or "untrained LoRA r=8 (all-linear)",
+        "train_steps": steps, "train_batch_size": cfg.real_train_batch_size, "train": train,
+        "eval_examples": len(records), "eval_batch_size": cfg.real_eval_batch_size, "eval": evals,
+        "own_loop_identical": outputs["transformers_first_choice"] == outputs["own_first_choice"],
+        "allowed_logits_identical": outputs["transformers_best_allowed"] == outputs["own_best_allowed"],
+        "policies_differ_on": differ,
+        "test_py_speedup": evals["own_best_allowed"]["examples_per_second"]
+        / evals["transformers_first_choice"]["examples_per_second"],
+    }
+
+
 def machine():
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
@@ -372,7 +491,39 @@ def write_markdown(path, results, command):
               "training the backward pass through the frozen weights (4N in all), as nanoGPT's estimate_mfu "
               "does for full training (6N). A shared prompt prefix counts once where a variant runs it once. "
               "Padding, recomputed prefixes and Python overhead lower MFU.", ""]
+    if results.get("real_model"):
+        lines += real_model_markdown(results["real_model"])
     Path(path).write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def real_model_markdown(r):
+    t, e = r["train"], r["eval"]
+    lines = ["## A real model", "",
+             f"{r['model']}, adapter: {r['adapter']}. Same run, same peak as above. MFU here counts the body "
+             "(every matmul but the output layer, plus attention) on the tokens each example needs (its own "
+             "prompt tokens, the shared prefix once per call, the answer); training adds the output layer at "
+             "the trained positions, which the loss needs. Output-layer work a variant does beyond that "
+             "(every logit of a 262,144-token vocabulary at each generated token) is not counted, so it shows "
+             "as lower MFU.", "",
+             f"Training: {r['train_steps']} LoRA steps of {r['train_batch_size']} MSRA examples (the first "
+             f"{WARMUP_STEPS} not timed).", "",
+             "| variant | examples/s | MFU | final loss |", "|---|---|---|---|"]
+    lines += table_rows(t, {"ours": "train_trainer.py (HF Trainer)", "bare": "bare PyTorch loop, same batches and loss"},
+                        lambda s: [f"{s['examples_per_second']:.2f}", f"{s['mfu']:.1%}", f"{s['final_loss']:.3f}"])
+    lines += ["", f"Generation: {r['eval_examples']} seeded MSRA test sentences, grounded, batch "
+                  f"{r['eval_batch_size']}, up to 64 new tokens.", "",
+              "| variant | examples/s | answer tokens | MFU | grammar share of the time |", "|---|---|---|---|---|"]
+    names = {"transformers_first_choice": "(a) transformers' generate, first_choice (test.py before)",
+             "own_first_choice": "(b) own loop, first_choice (finished rows leave the batch)",
+             "own_best_allowed": "(c) own loop, best_allowed: only the allowed tokens' logits (test.py now)",
+             "transformers_best_allowed": "(d) transformers' generate, best_allowed (every logit)"}
+    lines += table_rows(e, names, lambda s: [f"{s['examples_per_second']:.2f}", f"{s['answer_tokens']:.1f}",
+                                             f"{s['mfu']:.1%}", f"{s['grammar_share']:.1%}"])
+    lines += ["", f"- test.py speedup (c/a): **{r['test_py_speedup']:.2f}**",
+              f"- (a) and (b) give identical answers: **{r['own_loop_identical']}**; (c) and (d): "
+              f"**{r['allowed_logits_identical']}**",
+              f"- first_choice and best_allowed differ on {r['policies_differ_on']} of {r['eval_examples']} answers", ""]
+    return lines
 
 
 def main(argv=None):
@@ -422,7 +573,9 @@ def main(argv=None):
         for stats in evals.values():
             stats["mfu"] = stats["model_flops_per_second"] / peak
 
+    real = run_real_model(cfg, peak)
     results = {
+        "real_model": real,
         "machine": machine(), "date": time.strftime("%Y-%m-%d"), "model": model_desc,
         "train_steps": cfg.steps, "train_batch_size": cfg.train_batch_size,
         "gradient_checkpointing": cfg.gradient_checkpointing, "quantization": cfg.quantization,

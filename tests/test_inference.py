@@ -259,3 +259,20 @@ def test_chat_truncates_overlong_input_and_goes_on(adapter, tiny_model):
                     "--max_new_tokens", "4"], input=text + "\n你好\n\n")
     assert proc.returncode == 0
     assert "warning: input is" in proc.stderr and proc.stdout.count("Response:") == 2
+
+
+def test_test_py_scores_a_seeded_sample(train16, tiny_model, tmp_path):
+    texts = [r["query"].removeprefix("文本：") for r in load_data(train16)]
+    runs = {}
+    for name, seed in (("a", 3), ("b", 3), ("c", 4)):
+        run_cmd([PYTHON, "test.py", "--no_adapter=True", f"--model_dir={tiny_model}", f"--test_path={train16}",
+                 "--sample=5", f"--seed={seed}", "--max_new_tokens=4", f"--output_dir={tmp_path / name}"])
+        rows = [json.loads(line) for line in (tmp_path / name / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
+        runs[name] = [r["text"] for r in rows]
+        metrics = json.loads((tmp_path / name / "metrics.json").read_text(encoding="utf-8"))
+        assert metrics["sample"] == 5 and metrics["num_examples"] == 5
+        low, high = metrics["f1_ci95"]
+        assert 0 <= low <= metrics["f1"] <= high <= 1
+    # Five distinct sentences of the file, in file order; the same seed draws the same ones.
+    assert len(set(runs["a"])) == 5 and runs["a"] == [t for t in texts if t in runs["a"]]
+    assert runs["a"] == runs["b"] != runs["c"]

@@ -332,3 +332,19 @@ def test_format_table_prints_both_levels():
     out = format_table(metrics)
     assert out.splitlines()[0].startswith("set") and any(line.startswith("mention") for line in out.splitlines())
     assert "mention errors: correct 1," in out
+
+
+def test_bootstrap_interval_of_micro_f1():
+    from metrics import bootstrap_f1
+
+    # Every sentence alike (1 hit, 1 spurious): every resample has F1 2/3 exactly (hand count).
+    same = [{"gold": [("北京", "LOC")], "pred": [("北京", "LOC"), ("上海", "LOC")]}] * 50
+    assert bootstrap_f1(same) == [pytest.approx(2 / 3), pytest.approx(2 / 3)]
+    # Half right, half wrong: micro F1 of the whole sample is 0.5 (10 tp, 10 fp, 10 fn); the
+    # interval brackets it and narrows as the sample grows (about 1/sqrt(n): half at 4x).
+    mixed = ([{"gold": [("李鑫", "PER")], "pred": [("李鑫", "PER")]}] * 10
+             + [{"gold": [("李鑫", "PER")], "pred": [("李", "PER")]}] * 10)
+    low, high = bootstrap_f1(mixed, seed=1)
+    assert low < 0.5 < high
+    low4, high4 = bootstrap_f1(mixed * 4, seed=1)
+    assert low4 < 0.5 < high4 and 0.35 < (high4 - low4) / (high - low) < 0.65
