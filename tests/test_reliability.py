@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from conftest import MEMORISE, PYTHON, ROOT, as_argv, free_port, load_script, run_cmd
-from dataset import DEFAULT_INSTRUCT, PROMPT_TEMPLATE, QUERY_PREFIX, load_data
+from dataset import DEFAULT_INSTRUCT, QUERY_PREFIX, load_data
 
 # A short training run on the 16 memorisation examples: seconds, not minutes.
 QUICK = {"lora_dropout": 0.0, "train_batch_size": 4, "max_steps": 2, "save_steps": 2, "eval_steps": 0,
@@ -41,6 +41,12 @@ def no_model_load(monkeypatch):
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", boom)
 
 
+def alpaca_prompt(instruction):
+    """Chinese-Alpaca's prompt text, written out: a change to the template dataset.py builds must fail here."""
+    return ("Below is an instruction that describes a task. Write a response that appropriately completes the "
+            f"request.\n\n### Instruction:\n{instruction}\n\n### Response: ")
+
+
 def one_error_line(stderr):
     """The single `error:` line of a failed command (progress bars may share stderr)."""
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
@@ -56,9 +62,8 @@ def test_chat_with_prompt_answers_plain_text(adapter, tmp_path):
     from model_utils import load_tokenizer
 
     tokenizer = load_tokenizer(adapter)
-    # Plain text is the whole Alpaca instruction, built here from the template string itself.
-    expected = [tokenizer.bos_token_id] + tokenizer.encode(
-        PROMPT_TEMPLATE.format(instruction="你好"), add_special_tokens=False)
+    # Plain text is the whole Alpaca instruction.
+    expected = [tokenizer.bos_token_id] + tokenizer.encode(alpaca_prompt("你好"), add_special_tokens=False)
     assert prompt_ids(tokenizer, "你好", with_prompt=True) == expected
 
     proc = run_cmd([PYTHON, "chat_ner.py", "--lora_model", str(adapter), "--with_prompt", "--interactive",
@@ -286,8 +291,8 @@ def test_bom_is_not_part_of_any_input(adapter, train16, tmp_path):
     tokenizer = load_tokenizer(adapter)
     sentence = QUERY_PREFIX + "我们在北京。"
     assert prompt_ids(tokenizer, "\ufeff" + sentence, True) == prompt_ids(tokenizer, sentence, True) == \
-        [tokenizer.bos_token_id] + tokenizer.encode(
-            PROMPT_TEMPLATE.format(instruction=DEFAULT_INSTRUCT + "\n" + sentence), add_special_tokens=False)
+        [tokenizer.bos_token_id] + tokenizer.encode(alpaca_prompt(DEFAULT_INSTRUCT + "\n" + sentence),
+                                                    add_special_tokens=False)
 
     from dataset import read_text
     assert read_text(bom) == train16.read_text(encoding="utf-8")
