@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 from transformers import LogitsProcessor
 
-from dataset import ENTITY_END, LINE_BREAK, NO_ENTITY, QUERY_PREFIX, label_name_problem
+from dataset import ENTITY_END, LINE_BREAK, NO_ENTITY, label_name_problem, sentence_of
 
 INF = float("inf")
 CANDIDATES = 24  # top tokens (by logit) checked first; the wider scan only runs when none fits
@@ -56,11 +56,6 @@ class Grounding:
     constrained) and the label set ({type code: name}); answers use the names."""
     sentences: list
     label_names: dict
-
-
-def sentence_of(query):
-    """The sentence a query asks about: the text after `文本：`."""
-    return query.removeprefix(QUERY_PREFIX)
 
 
 def _byte_decoder():

@@ -23,7 +23,7 @@ import torch
 
 from config_utils import ConfigError, UserError, check_writable
 from dataset import (COLUMN_DEFAULTS, DEFAULT_LABEL_NAMES, NO_ENTITY, PROMPT_STYLES, EncodedDataset, NerCollate,
-                     atomic_write_text, check_prompt_style, columns_of, load_data, read_data_info, staged_folder)
+                     check_prompt_style, columns_of, load_data, read_data_info, staged_folder, write_json)
 from model_utils import (TRAIN_ARGS_FILE, check_model_dir, check_quantization, load_model_and_tokenizer, load_tokenizer,
                          meta_model, resolve_dtype)
 
@@ -516,10 +516,6 @@ def start_run(cfg, model, tokenizer, train_set, dev_set, collate):
     print(f"train {len(train_set)} examples, dev {len(dev_set) if dev_set else 0}; "
           f"{collate.truncated} queries shortened and {train_set.skipped} examples left out "
           f"(answer alone too long) to fit max_seq_length={cfg.max_seq_length}", flush=True)
-
-
-def write_json(path, data):
-    atomic_write_text(path, json.dumps(data, ensure_ascii=False, indent=2) + "\n")
 
 
 def export_trained(model, tokenizer, cfg, out_dir=None, extra_files=()):

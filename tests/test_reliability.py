@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from conftest import MEMORISE, PYTHON, ROOT, as_argv, free_port, load_script, run_cmd
-from dataset import DEFAULT_INSTRUCT, QUERY_PREFIX, load_data
+from dataset import DEFAULT_INSTRUCT, QUERY_PREFIX, load_data, sentence_of
 
 # A short training run on the 16 memorisation examples: seconds, not minutes.
 QUICK = {"lora_dropout": 0.0, "train_batch_size": 4, "max_steps": 2, "save_steps": 2, "eval_steps": 0,
@@ -262,7 +262,7 @@ def test_split_windows_covers_every_character_at_sentence_ends():
 def test_predict_reads_a_long_text_in_windows(adapter, tmp_path):
     trained_on = json.loads((adapter / "train_args.json").read_text(encoding="utf-8"))["train_path"]
     record = load_data(trained_on)[0]
-    sentence = record["query"].removeprefix(QUERY_PREFIX)
+    sentence = sentence_of(record["query"])
     text = sentence * 40  # far past the 256 tokens the adapter was trained with
     out = tmp_path / "long.jsonl"
     proc = run_cmd([PYTHON, "predict.py", f"--lora_model={adapter}", f"--text={text}", f"--output_file={out}",
