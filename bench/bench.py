@@ -164,9 +164,11 @@ def run_trainer(tcfg, pad_to=None):
                 self.start = time.perf_counter()
             self.end = time.perf_counter()
 
-    from train_core import build_datasets, build_model, load_datasets_checked
+    from build import build_datasets, build_model, load_datasets_checked
+    from train_core import validate_train_config
     from train_trainer import make_trainer, training_arguments
 
+    validate_train_config(tcfg)
     train_records, _ = load_datasets_checked(tcfg)
     model, tokenizer = build_model(tcfg)
     train_set, _, collate = build_datasets(tcfg, tokenizer, train_records, [])
@@ -195,7 +197,8 @@ def run_trainer(tcfg, pad_to=None):
 
 def run_bare(tcfg, batches):
     """The same optimizer steps over the same batches with no Trainer: forward, backward, clip, step."""
-    from train_core import build_model, lr_schedule, training_dtype
+    from build import build_model, lr_schedule
+    from train_core import training_dtype
     from loss import batch_loss
 
     model, _ = build_model(tcfg)

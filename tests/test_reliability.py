@@ -147,7 +147,7 @@ def test_model_answer_with_unknown_type_is_unparseable_not_dropped():
 
 LOCK_HOLDER = """
 import time
-from train_core import save_dir_lock
+from run_folder import save_dir_lock
 with save_dir_lock({save_dir!r}):
     print("locked", flush=True)
     time.sleep(120)
@@ -212,7 +212,7 @@ def test_crafted_deepspeed_checkpoint_is_refused_on_a_taken_default_port(tmp_pat
 
 def test_trainer_under_deepspeed_checks_checkpoint_files_before_resuming(tmp_path):
     from config_utils import UserError
-    from train_core import verify_deepspeed_checkpoint
+    from run_folder import verify_deepspeed_checkpoint
 
     marker = tmp_path / "pwned"
     ckpt = tmp_path / "checkpoint-4"
