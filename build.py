@@ -1,18 +1,37 @@
 """What a training run is built from, the same for both launchers: the training data (read and
 checked first: a bad line must not cost minutes of loading 7B weights), the tokenizer, the base
 model through the one loader with LoRA through PEFT (or no wrapper at all with finetuning=full),
-the tokenised datasets with their collator, and the learning-rate schedule.
+the tokenised datasets with their collator, the learning-rate schedule, and the precision
+and device the model trains with.
 """
 import math
+import os
 import random
 
 import torch
 
 from config_utils import UserError
 from dataset import NO_ENTITY, EncodedDataset, NerCollate, columns_of, load_data
-from model_utils import load_model_and_tokenizer, load_tokenizer
+from model_utils import load_model_and_tokenizer, load_tokenizer, resolve_dtype
 from run_folder import global_rank
-from train_core import ALL_LINEAR, training_device, training_dtype
+
+ALL_LINEAR = "all-linear"  # PEFT: every nn.Linear except the output layer; the names go into adapter_config.json
+
+
+def training_device():
+    """Where this process trains: its launcher's GPU (LOCAL_RANK), else the CPU. Quantised base
+    weights are loaded there directly (bitsandbytes' layers are not moved after loading)."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def training_dtype(cfg):
+    """(torch dtype for the base weights, 'bf16'|'fp16'|None for mixed precision); fp16 on a CPU
+    is refused by validate_train_config."""
+    torch_dtype = resolve_dtype(cfg.dtype, "cuda" if torch.cuda.is_available() else "cpu")
+    return torch_dtype, {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(torch_dtype)
+
 
 def load_datasets_checked(cfg):
     """Read and validate train/dev JSONL before anything heavy happens."""

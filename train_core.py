@@ -1,8 +1,9 @@
 """What train_trainer.py and train_deepspeed.py share around the training itself: the config
 (TRAIN_DEFAULTS plus a few keys of each launcher's own), its validation before anything loads,
-the precision and device a run trains with, and the end of a run: the resolved config recorded,
-the trained result (an adapter, or the whole model) exported atomically, its log history and
-loss curve. The run's folder is run_folder.py's; what a run is built from, build.py's.
+the launch (validate, read the data, lock save_dir, train), and the end of a run: the resolved
+config recorded, the trained result (an adapter, or the whole model) exported atomically, its
+log history and loss curve. The run's folder is run_folder.py's; what a run is built from (and
+the precision and device it trains with), build.py's.
 """
 import json
 import os
@@ -11,14 +12,14 @@ from pathlib import Path
 
 import torch
 
-from config_utils import ConfigError
+from build import ALL_LINEAR, load_datasets_checked, training_device, training_dtype
+from config_utils import ConfigError, parse_config
 from dataset import (COLUMN_DEFAULTS, DEFAULT_LABEL_NAMES, PROMPT_STYLES, check_prompt_style, read_data_info,
                      staged_folder, write_json)
-from model_utils import TRAIN_ARGS_FILE, check_model_dir, check_quantization, meta_model, resolve_dtype
-from run_folder import output_dir
+from model_utils import TRAIN_ARGS_FILE, check_model_dir, check_quantization, meta_model
+from run_folder import output_dir, save_dir_lock
 
 FINETUNING = ("lora", "full")
-ALL_LINEAR = "all-linear"  # PEFT: every nn.Linear except the output layer; the names go into adapter_config.json
 
 TRAIN_DEFAULTS = {
     "data_name": "msra",
@@ -76,6 +77,17 @@ POSITIVE_KEYS = ("train_batch_size", "eval_batch_size", "gradient_accumulation_s
                  "log_steps", "save_steps", "lora_r", "num_train_epochs")
 
 
+def launch(defaults, validate, train, argv=None):
+    """Each launcher's main: the config parsed and `validate`d, the data read and checked (a bad
+    line fails in a second, not after minutes of loading weights), then `train` under the
+    save_dir lock."""
+    cfg = parse_config(defaults, argv)
+    validate(cfg)
+    train_records, dev_records = load_datasets_checked(cfg)
+    with save_dir_lock(cfg.save_dir):
+        return train(cfg, train_records, dev_records)
+
+
 def validate_train_config(cfg):
     """Everything about a training config that can be checked without loading anything.
 
@@ -114,26 +126,11 @@ def validate_train_config(cfg):
             check_target_modules(linear_module_names(cfg.model_dir, cfg.trust_remote_code), cfg.lora_target_modules)
 
 
-def training_device():
-    """Where this process trains: its launcher's GPU (LOCAL_RANK), else the CPU. Quantised base
-    weights are loaded there directly (bitsandbytes' layers are not moved after loading)."""
-    if not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-
-
 def check_zero_stage(stage, where="config key 'zero_stage'"):
     """ZeRO 0-2 only, for both trainers: stage 3 partitions the weights the adapter export reads."""
     if stage not in (0, 1, 2):
         raise ConfigError(f"{where}: ZeRO stage {stage} is not supported; use 0, 1 or 2 (stage 3 partitions "
                           f"the weights the adapter export reads, and LoRA's optimizer state is small anyway)")
-
-
-def training_dtype(cfg):
-    """(torch dtype for the base weights, 'bf16'|'fp16'|None for mixed precision); fp16 on a CPU
-    is refused by validate_train_config."""
-    torch_dtype = resolve_dtype(cfg.dtype, "cuda" if torch.cuda.is_available() else "cpu")
-    return torch_dtype, {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(torch_dtype)
 
 
 def linear_module_names(model_dir, trust_remote_code=False):

@@ -18,14 +18,14 @@ from pathlib import Path
 
 import torch
 
-from config_utils import ConfigError, parse_config, run_cli
+from build import build_datasets, build_model, load_training_tokenizer, lr_schedule, training_dtype
+from config_utils import ConfigError, run_cli
 from dataset import length_grouped_indices
 from loss import batch_loss
-from build import build_datasets, build_model, load_datasets_checked, load_training_tokenizer, lr_schedule
 from run_folder import (ENGINE_CHECKPOINTS, load_checkpoint_file, output_dir, prepare_save_dir, remove_old_checkpoints,
-                        resolve_resume, restore_rng_state, rng_file, save_dir_lock, save_rng_state)
-from train_core import (TRAIN_DEFAULTS, check_zero_stage, export_trained, finish_run, report_engine, start_run,
-                        training_dtype, validate_train_config)
+                        resolve_resume, restore_rng_state, rng_file, save_rng_state)
+from train_core import (TRAIN_DEFAULTS, check_zero_stage, export_trained, finish_run, launch, report_engine, start_run,
+                        validate_train_config)
 
 DEFAULTS = {
     **TRAIN_DEFAULTS,
@@ -170,11 +170,7 @@ def validate(cfg):
 
 
 def main(argv=None):
-    cfg = parse_config(DEFAULTS, argv)
-    validate(cfg)
-    train_records, dev_records = load_datasets_checked(cfg)  # fail fast, before the model loads
-    with save_dir_lock(cfg.save_dir):
-        return train(cfg, train_records, dev_records)
+    return launch(DEFAULTS, validate, train, argv)
 
 
 def init_distributed():

@@ -16,13 +16,13 @@ from pathlib import Path
 
 import torch
 
-from config_utils import ConfigError, parse_config, run_cli
+from build import build_datasets, build_model, load_training_tokenizer, training_dtype
+from config_utils import ConfigError, run_cli
 from dataset import share_files
 from loss import batch_loss
-from build import build_datasets, build_model, load_datasets_checked, load_training_tokenizer
-from run_folder import (TRAINER_CHECKPOINTS, output_dir, prepare_save_dir, resolve_resume, save_dir_lock,
+from run_folder import (TRAINER_CHECKPOINTS, output_dir, prepare_save_dir, resolve_resume,
                         verify_deepspeed_checkpoint)
-from train_core import (TRAIN_DEFAULTS, check_zero_stage, finish_run, report_engine, start_run, training_dtype,
+from train_core import (TRAIN_DEFAULTS, check_zero_stage, finish_run, launch, report_engine, start_run,
                         validate_train_config)
 
 DEFAULTS = {
@@ -121,11 +121,7 @@ def validate(cfg):
 
 
 def main(argv=None):
-    cfg = parse_config(DEFAULTS, argv)
-    validate(cfg)
-    train_records, dev_records = load_datasets_checked(cfg)  # fail fast, before the model loads
-    with save_dir_lock(cfg.save_dir):
-        return train(cfg, train_records, dev_records)
+    return launch(DEFAULTS, validate, train, argv)
 
 
 def train(cfg, train_records, dev_records):

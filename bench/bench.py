@@ -197,8 +197,7 @@ def run_trainer(tcfg, pad_to=None):
 
 def run_bare(tcfg, batches):
     """The same optimizer steps over the same batches with no Trainer: forward, backward, clip, step."""
-    from build import build_model, lr_schedule
-    from train_core import training_dtype
+    from build import build_model, lr_schedule, training_dtype
     from loss import batch_loss
 
     model, _ = build_model(tcfg)
