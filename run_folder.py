@@ -84,10 +84,13 @@ def save_dir_lock(save_dir):
 
 @dataclass(frozen=True)
 class CheckpointLayout:
-    """Where a launcher keeps its checkpoints: `<save_dir>/<folder>/<prefix><step>/`."""
+    """Where a launcher keeps its checkpoints, `<save_dir>/<folder>/<prefix><step>/`, and how it
+    marks one complete: a file written last inside it, or (done_names_newest) a file beside the
+    checkpoints naming the newest complete one."""
     folder: str  # below save_dir ("" for save_dir itself)
     prefix: str  # the checkpoint folder's name before its step number
-    done: str  # a file whose presence marks a complete save (see is_complete)
+    done: str
+    done_names_newest: bool = False
 
     def root(self, save_dir):
         return Path(save_dir) / self.folder
@@ -99,16 +102,17 @@ class CheckpointLayout:
 
     def is_complete(self, path):
         path = Path(path)
-        if self.folder:
-            # DeepSpeed writes `latest` (the tag of its newest checkpoint) after a complete save:
-            # that one and every earlier one are whole.
-            latest = path.parent / self.done
-            return latest.is_file() and self.step(path) <= (self.step(latest.read_text().strip()) or -1)
-        return (path / self.done).is_file()  # the Trainer writes trainer_state.json last
+        if not self.done_names_newest:
+            return (path / self.done).is_file()
+        newest = path.parent / self.done
+        step = self.step(newest.read_text().strip()) if newest.is_file() else None
+        return step is not None and self.step(path) <= step  # saves are in step order: earlier ones are whole
 
 
+# The Trainer writes trainer_state.json last; DeepSpeed writes `latest` (the tag of the newest
+# checkpoint) after a complete save.
 TRAINER_CHECKPOINTS = CheckpointLayout(folder="", prefix="checkpoint-", done="trainer_state.json")
-ENGINE_CHECKPOINTS = CheckpointLayout(folder="checkpoints", prefix="global_step", done="latest")
+ENGINE_CHECKPOINTS = CheckpointLayout(folder="checkpoints", prefix="global_step", done="latest", done_names_newest=True)
 
 
 def checkpoints_in(folder, layout):
