@@ -38,37 +38,20 @@ test: venv browser
 test-fast: venv browser
 	$(PY) -m pytest -q tests -m "not slow and not distributed" $(PYTEST_ARGS)
 
-# The from-scratch demo: a model that learns NER on a CPU in minutes (nanoGPT's
-# shakespeare_char is the model). MSRA is processed, a 0.9M-parameter LLaMA is built with random
-# weights and trained in full (no LoRA: there is nothing pretrained to keep) on MSRA's training
-# sentences (all with entities, half of those without), then scored on the complete 4,631-sentence standard test set and asked
-# about three test sentences. Each choice and why (README: "The demo"):
-#   tokenizer  character-level SentencePiece (3,866 pieces, template words as pieces, byte
-#              fallback): entity boundaries fall on token boundaries and copying an entity is
-#              one token per character. Against the 8k BPE vocabulary at the same budget, F1
-#              0.385 vs 0.265 (measured at this budget).
-#   shape      hidden 128, 2 layers, MLP 352, 4 heads, tied embeddings: on 2 cores for minutes a
-#              small fast model wins (a 5M model given 8 minutes reached F1 0.06).
-#   lr         1.2e-3, 3% warmup, cosine decay to 0. Swept at this budget (seed 42, half the
-#              entity-free sentences): 5e-4 0.334, 8e-4 0.388, 1.2e-3 0.439, 1.5e-3 0.405,
-#              2e-3 0.388, 3e-3 0.378, 5e-3 0.329 (F1, full test set); seed 43 at 1.2e-3: 0.435.
-#   adam       beta2 0.99 (as nanoGPT's shakespeare_char): a faster second-moment estimate for a
-#              short run; after 1,000 steps F1 0.217 vs 0.190 with 0.999 (first 1,000 test sentences).
-#   batch      32, length-grouped (<2% padding), shared prompt prefix run once per batch.
-#   data       every training sentence with entities and half of those without (no_entity_fraction
-#              0.5, seeded): 42% of MSRA's sentences have none, and each costs a step's share of
-#              compute to teach one answer. At lr 3e-3, F1 0.378 against 0.320 keeping all (seed
-#              42, same steps); keeping a quarter gave 0.364. Entity-free test sentences (46%)
-#              are still answered 没有 97% of the time.
-#   threads    2 torch threads that sleep when they wait (OMP_WAIT_POLICY=PASSIVE): 264 examples/s
-#              on an idle 2-core machine against 192 with 1 thread; with a busy process beside it
-#              176 (1 thread: 193), where the default spinning threads fall to 92.
-#   budget     a fixed, seeded STEP budget (not wall-clock, so the result does not depend on
-#              the machine's load; a different DEMO_THREADS rounds differently and gives a slightly
-#              different model): 3,100 steps x 32 = 2.5 epochs of the 39,300 sentences kept.
-#   eval       dev loss every 500 steps on 200 sentences (for the loss curve; about 1 s each).
-#   test       batch 64 (fewer, fuller generate calls); max_new_tokens 64 = about 7 answer lines
-#              of ~9 characters, more than all but a few test sentences need.
+# make demo-scratch, the from-scratch demo: MSRA processed, a 0.9M-parameter LLaMA built with random weights and
+# trained in full, scored on the complete 4,631-sentence test set, asked about three sentences.
+# One line of why per setting; the measurements behind each are in the README ("The demo").
+#   tokenizer  character level: entity boundaries fall on token boundaries, copying is one token a character
+#   shape      hidden 128, 2 layers, MLP 352, 4 heads, tied embeddings: on 2 cores a small fast model wins
+#   training   every weight (--finetuning=full): a random model has nothing pretrained to keep
+#   data       half the entity-free sentences (no_entity_fraction 0.5): each costs a step's share, teaches one answer
+#   lr         1.2e-3, 3% warmup, cosine decay to 0: the best of the README's sweep at this budget
+#   adam       beta2 0.99 (nanoGPT's shakespeare_char): a faster second-moment estimate for a short run
+#   batch      32, length-grouped, shared prompt prefix once per batch: batch 16 was 12% slower per example
+#   threads    2 torch threads that sleep while they wait (OMP_WAIT_POLICY=PASSIVE): spinning ones halve beside a busy job
+#   budget     a seeded step budget, not a clock: the result does not depend on the machine's load
+#   eval       dev loss every 500 steps on 200 sentences: the loss curve, about 1 s each
+#   test       batch 64 (fewer, fuller generate calls), max_new_tokens 64: about 7 answer lines of ~9 characters
 DEMO_MODEL ?= model_hub/tiny-llama-char
 DEMO_SEED ?= 42
 DEMO_STEPS ?= 3100

@@ -11,13 +11,12 @@ input is a plain Alpaca instruction. Decoding is greedy unless --do_sample is gi
 repetition penalty: NER answers copy words from the input on purpose). NER answers are grounded
 (only substrings of the sentence and the label set's types; --grounded=False turns it off).
 """
-import json
 import os
 import sys
 
 from config_utils import ConfigError, UserError, check_writable, parse_config, run_cli
-from dataset import (DEFAULT_INSTRUCT, QUERY_PREFIX, atomic_write_text, check_prompt_style, encode_prompt, encode_text,
-                     read_text)
+from dataset import (DEFAULT_INSTRUCT, QUERY_PREFIX, check_prompt_style, encode_prompt, encode_text, read_text,
+                     write_json)
 from model_utils import check_quantization_name
 
 BANNER = """+ 该模式下仅支持单轮问答，无多轮对话能力。空行、Ctrl-D 或 Ctrl-C 退出。
@@ -174,7 +173,7 @@ def read_inputs(data_file):
 def file_mode(chat, inputs, predictions_file):
     outputs = chat.respond(inputs)
     results = [{"id": i, "input": text, "output": out} for i, (text, out) in enumerate(zip(inputs, outputs))]
-    atomic_write_text(predictions_file, json.dumps(results, ensure_ascii=False, indent=2) + "\n")
+    write_json(predictions_file, results)
     print(f"wrote {len(results)} responses to {predictions_file}")
     return results
 

@@ -62,6 +62,11 @@ COLUMN_DEFAULTS = {
 }
 
 
+def sentence_of(query):
+    """The sentence a query asks about: the text after `文本：`."""
+    return query.removeprefix(QUERY_PREFIX)
+
+
 def columns_of(args):
     """(instruct, query, answer) column names of a config or train_args dict, defaults filled in."""
     get = args.get if isinstance(args, dict) else (lambda k, d=None: getattr(args, k, d))
@@ -215,6 +220,11 @@ def check_prompt_style(style, tokenizer=None):
 def write_jsonl(path, rows):
     """One JSON object per line (UTF-8, not escaped), written atomically."""
     atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+def write_json(path, data):
+    """One JSON document (UTF-8, not escaped, indented), written atomically."""
+    atomic_write_text(path, json.dumps(data, ensure_ascii=False, indent=2) + "\n")
 
 
 def _render_chat(tokenizer, instruction):

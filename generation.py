@@ -7,8 +7,9 @@ left-padded batches that share the prompts' common prefix through one KV cache.
 import torch
 
 from config_utils import ConfigError
-from dataset import PromptEncoder, TooLongError
+from dataset import PromptEncoder, TooLongError, sentence_of
 from model_utils import label_names_for
+
 
 def ner_generate(model, tokenizer, train_args, records, batch_size=16, max_new_tokens=64, progress=None,
                  grounded=False, label_names=None, policy=None, **generate_options):
@@ -34,7 +35,7 @@ def ner_generate(model, tokenizer, train_args, records, batch_size=16, max_new_t
         shortened += cut
     grounding = None
     if grounded:
-        from grounding import DEFAULT_POLICY, Grounding, sentence_of
+        from grounding import DEFAULT_POLICY, Grounding
 
         grounding = Grounding([sentence_of(rec[collate.query_column]) for rec in records],
                               label_names or label_names_for(train_args), policy or DEFAULT_POLICY)

@@ -40,7 +40,7 @@ from typing import NamedTuple
 import torch
 from transformers import LogitsProcessor
 
-from dataset import ENTITY_END, LINE_BREAK, NO_ENTITY, QUERY_PREFIX, label_name_problem
+from dataset import ENTITY_END, LINE_BREAK, NO_ENTITY, label_name_problem
 
 INF = float("inf")
 CANDIDATES = 24  # top tokens (by logit) checked first; the wider scan only runs when none fits
@@ -78,11 +78,6 @@ class State(NamedTuple):
     lines: int
     seen: frozenset
     spaced: bool
-
-
-def sentence_of(query):
-    """The sentence a query asks about: the text after `文本：`."""
-    return query.removeprefix(QUERY_PREFIX)
 
 
 def _byte_decoder():

@@ -12,7 +12,8 @@ into windows at sentence ends; every character is read, and offsets refer to the
 from pathlib import Path
 
 from config_utils import ConfigError, check_writable, parse_config, run_cli
-from dataset import COLUMN_DEFAULTS, NO_ENTITY, QUERY_PREFIX, DataError, PromptEncoder, load_data, read_text, write_jsonl
+from dataset import (COLUMN_DEFAULTS, NO_ENTITY, QUERY_PREFIX, DataError, PromptEncoder, load_data, read_text, sentence_of,
+                     write_jsonl)
 from metrics import mention_spans, parse_answer
 from generation import ner_generate
 from model_utils import INFER_DEFAULTS, check_infer_config, instruct_for, label_names_for, load_from_config, recorded_args
@@ -131,17 +132,17 @@ def entity_offsets(text, entities):
 
 def windowed(records, tokenizer, train_args, max_new_tokens, context):
     """Records whose prompt would not fit -> one record per window; returns (records, owner index, start)."""
-    collate = PromptEncoder(train_args, tokenizer)
+    encoder = PromptEncoder(train_args, tokenizer)
     # What the model was trained to read (max_seq_length), and never past its context window.
-    budget = min(collate.max_seq_length, context) - max_new_tokens
+    budget = min(encoder.max_seq_length, context) - max_new_tokens
     pieces, owners, starts = [], [], []
     for n, rec in enumerate(records):
-        text = rec["query"].removeprefix(QUERY_PREFIX)
-        fits = lambda piece, rec=rec: len(collate.prompt_ids(rec["instruct"], QUERY_PREFIX + piece)) <= budget
+        text = sentence_of(rec["query"])
+        fits = lambda piece, rec=rec: len(encoder.prompt_ids(rec["instruct"], QUERY_PREFIX + piece)) <= budget
         if not fits(text[:MIN_WINDOW_CHARS]):
             raise ConfigError(
                 f"max_new_tokens={max_new_tokens} leaves fewer than {MIN_WINDOW_CHARS} characters of text per window "
-                f"within max_seq_length={collate.max_seq_length} (the adapter's, from training; the model's context "
+                f"within max_seq_length={encoder.max_seq_length} (the adapter's, from training; the model's context "
                 f"is {context}): lower --max_new_tokens (answers of MSRA need about 64)")
         for start, piece in split_windows(text, fits):
             pieces.append({**rec, "query": QUERY_PREFIX + piece})
@@ -167,13 +168,13 @@ def main(argv=None):
                                       model.config.max_position_embeddings)
     outputs, _ = ner_generate(model, tokenizer, train_args, pieces, cfg.batch_size, cfg.max_new_tokens,
                               grounded=cfg.grounded, label_names=label_names, policy=cfg.grounding_policy)
-    results = [{"text": r["query"].removeprefix(QUERY_PREFIX), "outputs": [], "entities": [], "windows": 0}
+    results = [{"text": sentence_of(r["query"]), "outputs": [], "entities": [], "windows": 0}
                for r in records]
     for piece, owner, start, output in zip(pieces, owners, starts, outputs):
         result = results[owner]
         result["windows"] += 1
         result["outputs"].append(output)
-        window_text = piece["query"].removeprefix(QUERY_PREFIX)
+        window_text = sentence_of(piece["query"])
         for span in entity_offsets(window_text, parse_answer(output, label_names).entities):
             if span["begin"] >= 0:
                 span["begin"] += start

@@ -27,8 +27,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from config_utils import ConfigError, parse_config, run_cli
-from dataset import (DATA_INFO_FILE, QUERY_PREFIX, DataError, atomic_write_text, format_answer, label_name_problem,
-                     ner_instruct, read_text)
+from dataset import (DATA_INFO_FILE, QUERY_PREFIX, DataError, format_answer, label_name_problem, ner_instruct,
+                     read_text, write_json, write_jsonl)
 
 MSRA_TRAIN_SENTENCES = 50658  # sentences 0..50657 of msra.txt are the standard training text
 
@@ -264,10 +264,10 @@ def instruct_record(sentence, instruct, label_names):
 
 
 def _write_jsonl(path, records):
+    """Write `path`'s content under a temporary name beside it, renamed into place by the caller
+    once every file of the run is written."""
     tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8", newline="\n") as f:
-        for rec in records:
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    write_jsonl(tmp, records)
     return tmp
 
 
@@ -335,7 +335,7 @@ def main(argv=None):
         os.replace(tmp, final)
     for path in stale:  # --overwrite=True: the earlier run's splits that this run does not make
         path.unlink()
-    atomic_write_text(out / "instruct_data" / DATA_INFO_FILE, json.dumps(info, ensure_ascii=False, indent=2) + "\n")
+    write_json(out / "instruct_data" / DATA_INFO_FILE, info)
 
     summary = {}
     for name, sents in splits.items():

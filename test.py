@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from config_utils import ConfigError, check_writable, parse_config, run_cli
-from dataset import QUERY_PREFIX, DataError, atomic_write_text, columns_of, load_data, read_text, write_jsonl
+from dataset import DataError, columns_of, load_data, read_text, sentence_of, write_json, write_jsonl
 from metrics import bootstrap_f1, format_table, mention_spans, parse_answer, score, score_mentions
 from model_utils import (
     INFER_DEFAULTS,
@@ -115,7 +115,7 @@ def main(argv=None):
         records, linenos = [records[i] for i in keep], [linenos[i] for i in keep]
     label_names = label_names_for(recorded, cfg.test_path)
     golds = gold_answers(records, linenos, answer_col, label_names, cfg.test_path)
-    texts = [rec[query_col].removeprefix(QUERY_PREFIX) for rec in records]
+    texts = [sentence_of(rec[query_col]) for rec in records]
     spans = gold_spans(cfg.test_path, linenos, texts)
     out_dir = prepare_output_dir(cfg)
     model, tokenizer, train_args = load_from_config(cfg)
@@ -146,7 +146,7 @@ def main(argv=None):
                    label_names=label_names)
     metrics["mention"] = score_mentions(examples, label_names)
     metrics["mention"]["gold_spans"] = "annotated spans (ori_data)" if spans else "every occurrence of each gold string"
-    atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, ensure_ascii=False, indent=2) + "\n")
+    write_json(out_dir / "metrics.json", metrics)
     write_report(out_dir / "report.html", metrics, examples)
     print(format_table(metrics))
     print(f"{len(records)} examples in {elapsed:.1f}s ({len(records) / elapsed:.1f} examples/s)")

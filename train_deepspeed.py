@@ -9,25 +9,23 @@ Same config dict and builders as train_trainer.py; the DeepSpeed config is gener
 Each optimizer step's loss is the mean over every answer token of the step (all ranks, all
 micro-batches), so 2 processes at batch b train exactly like 1 process at batch 2b.
 """
+import itertools
 import math
 import os
 import random
-import shutil
 import socket
 from pathlib import Path
 
 import torch
 
-from config_utils import ConfigError, parse_config, run_cli
+from build import build_datasets, build_model, load_training_tokenizer, lr_schedule, training_dtype
+from config_utils import ConfigError, run_cli
 from dataset import length_grouped_indices
 from loss import batch_loss
-from train_core import (
-    TRAIN_DEFAULTS, build_datasets, build_model, check_zero_stage, export_trained, finish_run,
-    load_checkpoint_file, load_datasets_checked, load_training_tokenizer, lr_schedule, output_dir, prepare_save_dir,
-    report_engine, resolve_resume, save_dir_lock, start_run, training_dtype, validate_train_config,
-)
-
-CHECKPOINTS = "checkpoints"  # engine checkpoints live in <save_dir>/checkpoints/global_step<N>/
+from run_folder import (ENGINE_CHECKPOINTS, load_checkpoint_file, output_dir, prepare_save_dir, remove_old_checkpoints,
+                        resolve_resume, restore_rng_state, rng_file, save_rng_state)
+from train_core import (TRAIN_DEFAULTS, check_zero_stage, export_trained, finish_run, launch, report_engine, start_run,
+                        validate_train_config)
 
 DEFAULTS = {
     **TRAIN_DEFAULTS,
@@ -40,7 +38,6 @@ DEFAULTS = {
 def deepspeed_config(cfg, world_size):
     """The DeepSpeed JSON, derived from the config dict so it never drifts from it."""
     _, mixed = training_dtype(cfg)
-    check_zero_stage(cfg.zero_stage)
     zero = {"stage": cfg.zero_stage}
     if cfg.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
@@ -90,40 +87,37 @@ def step_batches(order, micro, world, gas):
         yield step
 
 
+def on_device(collate, dataset, indices, device):
+    """The padded batch of `dataset[indices]`, on `device`."""
+    return {k: v.to(device) for k, v in collate.pad([dataset[i] for i in indices]).items()}
+
+
 def evaluate(engine, dev_set, collate, batch_size, rank, world):
     """Mean token cross-entropy over the dev set, each rank scoring its share."""
     engine.eval()
     total = torch.zeros(2, dtype=torch.float64)
-    device = engine.device
     with torch.no_grad():
         idx = list(range(rank, len(dev_set), world))
         for i in range(0, len(idx), batch_size):
-            batch = collate.pad([dev_set[j] for j in idx[i:i + batch_size]])
-            batch = {k: v.to(device) for k, v in batch.items()}
+            batch = on_device(collate, dev_set, idx[i:i + batch_size], engine.device)
             n = int((batch["labels"][:, 1:] != -100).sum())
             loss = engine(**batch, num_items_in_batch=n).loss
             total += torch.tensor([float(loss) * n, n], dtype=torch.float64)
     engine.train()
-    total = total.to(device)
+    total = total.to(engine.device)
     torch.distributed.all_reduce(total)
     return float(total[0] / total[1]) if total[1] > 0 else float("nan")
 
 
-def _rng_file(ckpt, rank):
-    return Path(ckpt) / f"rng_state_{rank}.pt"
-
-
 def save_checkpoint(engine, tokenizer, cfg, step, log_history, rank):
-    root = Path(cfg.save_dir) / CHECKPOINTS
-    tag = f"global_step{step}"
+    root = ENGINE_CHECKPOINTS.root(cfg.save_dir)
+    tag = f"{ENGINE_CHECKPOINTS.prefix}{step}"
     # Frozen base weights are excluded: a checkpoint holds the adapter, optimizer and scheduler
     # (finetuning=full: nothing is frozen, so it holds the whole model).
     # The RNG file first: DeepSpeed's `latest` (written by save_checkpoint) then marks a
     # checkpoint that is complete with it.
     (root / tag).mkdir(parents=True, exist_ok=True)
-    torch.save({"python": random.getstate(), "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-               _rng_file(root / tag, rank))
+    save_rng_state(rng_file(root / tag, rank))
     engine.save_checkpoint(str(root), tag=tag, client_state={"step": step, "log_history": log_history},
                            exclude_frozen_parameters=True)
     if rank == 0:
@@ -131,19 +125,12 @@ def save_checkpoint(engine, tokenizer, cfg, step, log_history, rank):
         # its checkpoint: <save_dir>/adapter_model/ (or model/) appears only when training has finished.
         export_trained(engine.module, tokenizer, cfg, out_dir=root / tag / output_dir(cfg).name)
     torch.distributed.barrier()
-    if rank == 0 and cfg.save_total_limit > 0:
-        done = sorted((int(p.name[len("global_step"):]), p) for p in root.glob("global_step*") if p.is_dir())
-        for _, old in done[:-cfg.save_total_limit]:
-            shutil.rmtree(old, ignore_errors=True)
-
-
-def latest_engine_checkpoint(save_dir):
-    latest = Path(save_dir) / CHECKPOINTS / "latest"  # DeepSpeed writes it after a complete save
-    return str(latest.parent / latest.read_text().strip()) if latest.is_file() else None
+    if rank == 0:
+        remove_old_checkpoints(cfg.save_dir, ENGINE_CHECKPOINTS, cfg.save_total_limit)
 
 
 def restrict_checkpoint_loading(engine):
-    """Make the engine read checkpoint files through train_core.load_checkpoint_file
+    """Make the engine read checkpoint files through run_folder.load_checkpoint_file
     (weights_only=True): DeepSpeed itself unpickles them with weights_only=False."""
     engine.checkpoint_engine.load = load_checkpoint_file
 
@@ -153,13 +140,7 @@ def load_checkpoint(engine, ckpt, rank):
     path, client = engine.load_checkpoint(str(Path(ckpt).parent), tag=Path(ckpt).name, load_module_strict=False)
     if path is None:
         raise ConfigError(f"config key 'resume': '{ckpt}' is not a DeepSpeed checkpoint")
-    rng = _rng_file(ckpt, rank)
-    if rng.is_file():
-        state = torch.load(rng, weights_only=True)
-        random.setstate(state["python"])
-        torch.set_rng_state(state["torch"])
-        if state["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda"])
+    restore_rng_state(rng_file(ckpt, rank))
     return client["step"], client["log_history"]
 
 
@@ -182,13 +163,64 @@ def distributed_port():
     return port
 
 
-def main(argv=None):
-    cfg = parse_config(DEFAULTS, argv)
+def validate(cfg):
+    """Every check of the config that needs nothing loaded, this launcher's keys included."""
     validate_train_config(cfg)
     check_zero_stage(cfg.zero_stage)
-    train_records, dev_records = load_datasets_checked(cfg)  # fail fast, before the model loads
-    with save_dir_lock(cfg.save_dir):
-        return train(cfg, train_records, dev_records)
+
+
+def main(argv=None):
+    return launch(DEFAULTS, validate, train, argv)
+
+
+def init_distributed():
+    """(rank, world size) of this process, once every process has joined."""
+    import deepspeed
+
+    deepspeed.init_distributed(auto_mpi_discovery=True, distributed_port=distributed_port())
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def optimizer_steps(cfg, n_examples, world):
+    """(optimizer steps per epoch, optimizer steps of the whole run)."""
+    per_step = cfg.train_batch_size * world * cfg.gradient_accumulation_steps
+    per_epoch = n_examples // (cfg.train_batch_size * world) // cfg.gradient_accumulation_steps
+    if per_epoch == 0:
+        raise ConfigError(
+            f"{n_examples} training examples do not fill one optimizer step of "
+            f"{per_step} examples (train_batch_size x processes x gradient_accumulation_steps)"
+        )
+    return per_epoch, cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * per_epoch)
+
+
+def build_engine(cfg, model, world, total_steps):
+    """The DeepSpeed engine over the trainable weights, and its learning-rate scheduler."""
+    import deepspeed
+
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+        config=deepspeed_config(cfg, world), lr_scheduler=lr_schedule(cfg, total_steps),
+    )
+    return engine, scheduler
+
+
+def step_schedule(train_set, cfg, world, steps_per_epoch, start, total_steps):
+    """Yield (step number, the step's global micro-batches, its answer tokens) for every optimizer
+    step after `start`. An epoch's order depends on its number alone, so a resumed run goes on
+    with the batches the interrupted one would have trained on."""
+    # label tokens per example (positions after the shift that carry a target)
+    targets = [sum(1 for t in f["labels"][1:] if t != -100) for f in train_set.features]
+    micro, gas = cfg.train_batch_size, cfg.gradient_accumulation_steps
+    step = start
+    while step < total_steps:
+        epoch, skip = divmod(step, steps_per_epoch)
+        order = epoch_order(train_set.lengths, micro * world, cfg.seed, epoch, cfg.group_by_length)
+        # The first `skip` steps of the epoch were trained before the checkpoint resumed from.
+        for micro_batches in itertools.islice(step_batches(order, micro, world, gas), skip, None):
+            step += 1
+            yield step, micro_batches, sum(targets[i] for per_rank in micro_batches for part in per_rank for i in part)
+            if step >= total_steps:
+                return
 
 
 def train_step(engine, train_set, collate, micro_batches, n_items, cfg, rank, world):
@@ -197,8 +229,7 @@ def train_step(engine, train_set, collate, micro_batches, n_items, cfg, rank, wo
     gas = len(micro_batches)
     step_loss = 0.0
     for per_rank in micro_batches:
-        batch = collate.pad([train_set[i] for i in per_rank[rank]])
-        batch = {k: v.to(engine.device) for k, v in batch.items()}
+        batch = on_device(collate, train_set, per_rank[rank], engine.device)
         # Sum of token losses / tokens in the whole step, times the factors DeepSpeed
         # divides by (accumulation steps, data-parallel ranks): an exact global mean.
         loss = batch_loss(engine, batch, cfg, num_items_in_batch=n_items) * (world * gas)
@@ -210,85 +241,81 @@ def train_step(engine, train_set, collate, micro_batches, n_items, cfg, rank, wo
     return float(total)
 
 
+def due(step, every, total_steps):
+    """Whether something done every `every` steps (0: never) is done after `step`; the last step always."""
+    return every > 0 and (step % every == 0 or step == total_steps)
+
+
+class RunLog:
+    """What the loop reports: the progress bar, the Trainer-style log_history records (kept in every
+    checkpoint and exported with the result) and, on rank 0, TensorBoard scalars."""
+
+    def __init__(self, cfg, rank, step, total_steps, log_history):
+        from tqdm import tqdm
+
+        self.cfg, self.total_steps, self.history, self.window = cfg, total_steps, log_history, []
+        self.writer = None
+        if rank == 0:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(os.path.join(cfg.save_dir, "runs"))
+        self.bar = tqdm(total=total_steps, initial=step, disable=rank != 0, desc="train_deepspeed")
+
+    def train_loss(self, step, loss, lr):
+        self.window.append(loss)
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+        if due(step, self.cfg.log_steps, self.total_steps):
+            self.history.append({"step": step, "loss": sum(self.window) / len(self.window), "learning_rate": lr})
+            self._scalars(step, {"train/loss": self.history[-1]["loss"], "train/learning_rate": lr})
+            self.window = []
+
+    def eval_loss(self, step, loss):
+        self.history.append({"step": step, "eval_loss": loss})
+        self._scalars(step, {"eval/loss": loss})
+        self.bar.write(f"step {step}: dev loss {loss:.4f}")
+
+    def _scalars(self, step, values):
+        if self.writer:
+            for name, value in values.items():
+                self.writer.add_scalar(name, value, step)
+
+    def close(self):
+        self.bar.close()
+        if self.writer:
+            self.writer.close()
+
+
 def train(cfg, train_records, dev_records):
-    import deepspeed
-    from tqdm import tqdm
-
     prepare_save_dir(cfg)
-    resume_from = resolve_resume(cfg, latest_engine_checkpoint)
-
+    resume_from = resolve_resume(cfg, ENGINE_CHECKPOINTS)
     tokenizer = load_training_tokenizer(cfg)
     # Tokenised and checked before the weights load: a max_seq_length nothing fits fails in seconds.
     train_set, dev_set, collate = build_datasets(cfg, tokenizer, train_records, dev_records)
-
-    deepspeed.init_distributed(auto_mpi_discovery=True, distributed_port=distributed_port())
-    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    micro, gas = cfg.train_batch_size, cfg.gradient_accumulation_steps
-    steps_per_epoch = len(train_set) // (micro * world) // gas
-    if steps_per_epoch == 0:
-        raise ConfigError(
-            f"{len(train_set)} training examples do not fill one optimizer step of "
-            f"{micro * world * gas} examples (train_batch_size x processes x gradient_accumulation_steps)"
-        )
+    rank, world = init_distributed()
+    steps_per_epoch, total_steps = optimizer_steps(cfg, len(train_set), world)
     model, tokenizer = build_model(cfg, tokenizer)
-    total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * steps_per_epoch)
-    schedule = lr_schedule(cfg, total_steps)
-
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
-        config=deepspeed_config(cfg, world), lr_scheduler=schedule,
-    )
-    step, log_history = 0, []
-    if resume_from:
-        step, log_history = load_checkpoint(engine, resume_from, rank)
-    writer = None
+    engine, scheduler = build_engine(cfg, model, world, total_steps)
+    step, log_history = load_checkpoint(engine, resume_from, rank) if resume_from else (0, [])
     if rank == 0:
-        from torch.utils.tensorboard import SummaryWriter
-
         report_engine(engine)
         start_run(cfg, model, tokenizer, train_set, dev_set, collate)
         print(f"{world} process(es), {total_steps} optimizer steps; rendezvous at "
               f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}")
+    log = RunLog(cfg, rank, step, total_steps, log_history)
 
-        writer = SummaryWriter(os.path.join(cfg.save_dir, "runs"))
-
-    # label tokens per example (positions after the shift that carry a target)
-    targets = [sum(1 for t in f["labels"][1:] if t != -100) for f in train_set.features]
-    bar = tqdm(total=total_steps, initial=step, disable=rank != 0, desc="train_deepspeed")
     engine.train()
-    window = []
-    while step < total_steps:
-        epoch, skip = divmod(step, steps_per_epoch)
-        order = epoch_order(train_set.lengths, micro * world, cfg.seed, epoch, cfg.group_by_length)
-        for s, micro_batches in enumerate(step_batches(order, micro, world, gas)):
-            if s < skip:
-                continue  # already trained before the checkpoint we resumed from
-            n_items = sum(targets[i] for per_rank in micro_batches for part in per_rank for i in part)
-            window.append(train_step(engine, train_set, collate, micro_batches, n_items, cfg, rank, world))
-            step += 1
-            lr = scheduler.get_last_lr()[0]
-            bar.update(1)
-            bar.set_postfix(loss=f"{window[-1]:.4f}", lr=f"{lr:.2e}")
-            if step % cfg.log_steps == 0 or step == total_steps:
-                log_history.append({"step": step, "loss": sum(window) / len(window), "learning_rate": lr})
-                if writer:
-                    writer.add_scalar("train/loss", log_history[-1]["loss"], step)
-                    writer.add_scalar("train/learning_rate", lr, step)
-                window = []
-            if dev_set is not None and cfg.eval_steps > 0 and (step % cfg.eval_steps == 0 or step == total_steps):
-                dev_loss = evaluate(engine, dev_set, collate, cfg.eval_batch_size, rank, world)
-                log_history.append({"step": step, "eval_loss": dev_loss})
-                if writer:
-                    writer.add_scalar("eval/loss", dev_loss, step)
-                bar.write(f"step {step}: dev loss {dev_loss:.4f}")
-            if step % cfg.save_steps == 0 or step == total_steps:
-                save_checkpoint(engine, tokenizer, cfg, step, log_history, rank)
-            if step >= total_steps:
-                break
-    bar.close()
+    for step, micro_batches, n_items in step_schedule(train_set, cfg, world, steps_per_epoch, step, total_steps):
+        loss = train_step(engine, train_set, collate, micro_batches, n_items, cfg, rank, world)
+        log.train_loss(step, loss, scheduler.get_last_lr()[0])
+        if dev_set is not None and due(step, cfg.eval_steps, total_steps):
+            log.eval_loss(step, evaluate(engine, dev_set, collate, cfg.eval_batch_size, rank, world))
+        if due(step, cfg.save_steps, total_steps):
+            save_checkpoint(engine, tokenizer, cfg, step, log.history, rank)
+
+    log.close()
     if rank == 0:
-        finish_run(engine.module, tokenizer, cfg, log_history)  # stages 0-2: weights are whole, no gather
-        writer.close()
+        finish_run(engine.module, tokenizer, cfg, log.history)  # stages 0-2: weights are whole, no gather
     torch.distributed.barrier()
     return str(output_dir(cfg))
 

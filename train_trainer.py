@@ -16,14 +16,14 @@ from pathlib import Path
 
 import torch
 
-from config_utils import ConfigError, parse_config, run_cli
+from build import build_datasets, build_model, load_training_tokenizer, training_dtype
+from config_utils import ConfigError, run_cli
 from dataset import share_files
 from loss import batch_loss
-from train_core import (
-    TRAIN_DEFAULTS, build_datasets, build_model, check_zero_stage, finish_run, latest_trainer_checkpoint,
-    load_datasets_checked, load_training_tokenizer, output_dir, prepare_save_dir, report_engine, resolve_resume,
-    save_dir_lock, start_run, training_dtype, validate_train_config, verify_deepspeed_checkpoint,
-)
+from run_folder import (TRAINER_CHECKPOINTS, output_dir, prepare_save_dir, resolve_resume,
+                        verify_deepspeed_checkpoint)
+from train_core import (TRAIN_DEFAULTS, check_zero_stage, finish_run, launch, report_engine, start_run,
+                        validate_train_config)
 
 DEFAULTS = {
     **TRAIN_DEFAULTS,
@@ -33,7 +33,7 @@ DEFAULTS = {
 
 
 def make_trainer(cfg, **kwargs):
-    """A Trainer whose training loss is train_core.batch_loss (shared-prefix forward when enabled)."""
+    """A Trainer whose training loss is loss.batch_loss (shared-prefix forward when enabled)."""
     from transformers import Trainer
 
     class NerTrainer(Trainer):
@@ -113,19 +113,20 @@ def check_deepspeed_json(cfg):
     check_zero_stage(stage, str(cfg.deepspeed_json_path))
 
 
-def main(argv=None):
-    cfg = parse_config(DEFAULTS, argv)
+def validate(cfg):
+    """Every check of the config that needs nothing loaded, this launcher's keys included."""
     validate_train_config(cfg)
     if use_deepspeed(cfg):
         check_deepspeed_json(cfg)
-    train_records, dev_records = load_datasets_checked(cfg)  # fail fast, before the model loads
-    with save_dir_lock(cfg.save_dir):
-        return train(cfg, train_records, dev_records)
+
+
+def main(argv=None):
+    return launch(DEFAULTS, validate, train, argv)
 
 
 def train(cfg, train_records, dev_records):
     prepare_save_dir(cfg)
-    resume_from = resolve_resume(cfg, latest_trainer_checkpoint)
+    resume_from = resolve_resume(cfg, TRAINER_CHECKPOINTS)
     args = training_arguments(cfg)
     if resume_from and args.deepspeed:
         verify_deepspeed_checkpoint(resume_from)  # the Trainer lets DeepSpeed unpickle it

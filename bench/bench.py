@@ -143,25 +143,39 @@ def train_config(cfg, model_dir, save_dir, group_by_length, max_seq_length, shar
 WARMUP_STEPS = 2  # steps excluded from every timing (first-step allocation and thread start-up)
 
 
-def _rate(tcfg, elapsed):
-    return (tcfg.max_steps - WARMUP_STEPS) * tcfg.train_batch_size / elapsed
+def _warmup(steps):
+    """The steps a training run leaves out of its timing: WARMUP_STEPS, fewer when the run is too
+    short to keep one timed step after them (a one-step run is timed whole)."""
+    return max(min(WARMUP_STEPS, steps - 1), 0)
+
+
+def _rate(tcfg, elapsed, warmup):
+    return (tcfg.max_steps - warmup) * tcfg.train_batch_size / elapsed
 
 
 def run_trainer(tcfg, pad_to=None):
     """One Trainer run through the project's own builders; returns (stats, counting collator)."""
     from transformers import TrainerCallback
 
+    warmup = _warmup(tcfg.max_steps)
+
     class StepClock(TrainerCallback):
         start = end = None
 
+        def on_train_begin(self, args, state, control, **kwargs):
+            if warmup == 0:
+                self.start = time.perf_counter()
+
         def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == WARMUP_STEPS:
+            if state.global_step == warmup:
                 self.start = time.perf_counter()
             self.end = time.perf_counter()
 
-    from train_core import build_datasets, build_model, load_datasets_checked
+    from build import build_datasets, build_model, load_datasets_checked
+    from train_core import validate_train_config
     from train_trainer import make_trainer, training_arguments
 
+    validate_train_config(tcfg)
     train_records, _ = load_datasets_checked(tcfg)
     model, tokenizer = build_model(tcfg)
     train_set, _, collate = build_datasets(tcfg, tokenizer, train_records, [])
@@ -178,8 +192,8 @@ def run_trainer(tcfg, pad_to=None):
     trainer.train()
     elapsed = clock.end - clock.start
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
-    timed = counting.batches[WARMUP_STEPS:tcfg.max_steps]
-    stats = {"seconds": elapsed, "examples_per_second": _rate(tcfg, elapsed),
+    timed = counting.batches[warmup:tcfg.max_steps]
+    stats = {"seconds": elapsed, "examples_per_second": _rate(tcfg, elapsed, warmup),
              "tokens_per_second": sum(int(b["attention_mask"].sum()) for b in timed) / elapsed,
              "non_padding_fraction": counting.real / counting.total, "final_loss": losses[-1]}
     if torch.cuda.is_available():
@@ -190,7 +204,7 @@ def run_trainer(tcfg, pad_to=None):
 
 def run_bare(tcfg, batches):
     """The same optimizer steps over the same batches with no Trainer: forward, backward, clip, step."""
-    from train_core import build_model, lr_schedule, training_dtype
+    from build import build_model, lr_schedule, training_dtype
     from loss import batch_loss
 
     model, _ = build_model(tcfg)
@@ -206,6 +220,8 @@ def run_bare(tcfg, batches):
     _, mixed = training_dtype(tcfg)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=mixed == "bf16")
     losses = []
+    warmup = _warmup(tcfg.max_steps)
+    start = time.perf_counter()  # restarted after the warm-up steps, if the run has any
     for step, batch in enumerate(batches, 1):
         batch = {k: v.to(device) for k, v in batch.items()}
         with autocast:
@@ -216,14 +232,14 @@ def run_bare(tcfg, batches):
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
-        if step == WARMUP_STEPS:
+        if step == warmup:
             start = time.perf_counter()
     elapsed = time.perf_counter() - start
     real = sum(int(b["attention_mask"].sum()) for b in batches)
     total = sum(b["attention_mask"].numel() for b in batches)
     window = losses[-max(len(losses) // 4, 1):]
-    timed = batches[WARMUP_STEPS:]
-    return {"seconds": elapsed, "examples_per_second": _rate(tcfg, elapsed),
+    timed = batches[warmup:]
+    return {"seconds": elapsed, "examples_per_second": _rate(tcfg, elapsed, warmup),
             "tokens_per_second": sum(int(b["attention_mask"].sum()) for b in timed) / elapsed,
             "non_padding_fraction": real / total, "final_loss": sum(window) / len(window)}
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from config_utils import UserError
-from dataset import share_files
+from dataset import share_files, write_json
 
 
 class ModelHubError(UserError):
@@ -109,10 +109,6 @@ def read_json(path):
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelHubError(f"{path}: not valid JSON ({e})") from None
-
-
-def write_json(path, obj):
-    Path(path).write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def check_output_dir(output_dir, overwrite, inputs=(), kept=None):

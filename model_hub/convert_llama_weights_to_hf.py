@@ -27,11 +27,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as `python model_hub/<script>.py`: the project's modules live one up
 
 from config_utils import parse_config, require_keys, run_cli  # noqa: E402
+from dataset import write_json  # noqa: E402
 from model_utils import dtype_from_name  # noqa: E402
 from model_hub._llama_layout import (  # noqa: E402
     IGNORED_TENSORS, ModelHubError, check_output_dir, dtype_name, has_tokenizer,
     load_torch_file, meta_to_hf_permute, parse_size, plan_shards, prepare_output_dir,
-    read_json, save_shard, shard_file_name, tensor_table, write_index, write_json,
+    read_json, save_shard, shard_file_name, tensor_table, write_index,
 )
 
 TOKENIZER_ONLY = "tokenizer_only"

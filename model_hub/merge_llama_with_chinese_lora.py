@@ -42,12 +42,14 @@ sys.path.insert(0, str(ROOT))  # run as `python model_hub/<script>.py`: the proj
 import torch  # noqa: E402
 
 from config_utils import ConfigError, parse_config, require_keys, run_cli  # noqa: E402
-from dataset import share_files  # noqa: E402
-from model_utils import check_model_dir, load_model_and_tokenizer, model_type_of, quantized_weights  # noqa: E402
+from dataset import share_files, write_json  # noqa: E402
+from model_utils import (  # noqa: E402
+    check_model_dir, load_model_and_tokenizer, model_type_of, quantized_weights, read_train_args,
+)
 from model_hub._llama_layout import (  # noqa: E402
     IGNORED_TENSORS, ModelHubError, check_output_dir, copy_tokenizer_files, has_tokenizer,
     hf_to_meta_permute, load_torch_file, meta_ffn_params, prepare_output_dir, read_json,
-    safetensors_read, save_shard, shard_file_name, tensor_table, write_index, write_json,
+    safetensors_read, save_shard, shard_file_name, tensor_table, write_index,
 )
 
 EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
@@ -239,15 +241,10 @@ class LoraAdapter:
         return shape
 
 
-def read_train_args(lora_dir):
-    path = Path(lora_dir) / "train_args.json"
-    return read_json(path) if path.is_file() else {}
-
-
 def resolve_base_model(base_model, lora_dirs):
     if base_model:
         return base_model
-    recorded = read_train_args(lora_dirs[0]).get("model_dir")
+    recorded = (read_train_args(lora_dirs[0]) or {}).get("model_dir")
     if not recorded:
         raise ModelHubError(f"no base model: pass --base_model (adapter '{lora_dirs[0]}' records no model_dir "
                             f"in train_args.json)")
@@ -264,7 +261,7 @@ def final_vocab_size(tokenizer_dir, loras):
 
     vocab = len(load_tokenizer(tokenizer_dir))
     for lora in loras:
-        trained = read_train_args(lora.path).get("vocab_size")
+        trained = (read_train_args(lora.path) or {}).get("vocab_size")
         if trained is not None and trained != vocab:
             raise ModelHubError(f"adapter '{lora.path}' was trained with a vocabulary of {trained} tokens, "
                                 f"but the tokenizer in {tokenizer_dir} has {vocab}")
@@ -381,7 +378,7 @@ def merge_with_peft(base_model, lora_dirs, out, args):
 def check_merge_into(merge_into, lora_dirs):
     """merge_into=dequantized needs one adapter trained on 4-bit weights; merging a quantised
     adapter into the full-precision base is allowed, with a warning."""
-    quantization = {d: read_train_args(d).get("quantization", "none") for d in lora_dirs}
+    quantization = {d: (read_train_args(d) or {}).get("quantization", "none") for d in lora_dirs}
     if merge_into == "dequantized":
         if len(lora_dirs) != 1 or quantization[lora_dirs[0]] != "4bit":
             what = (f"{len(lora_dirs)} adapters" if len(lora_dirs) != 1 else
@@ -404,6 +401,9 @@ def merge(args):
         raise ModelHubError("--lora_model names no folder")
     out = Path(args.output_dir)
     check_output_dir(out, args.overwrite, inputs=[args.base_model or None, *lora_dirs])
+    for d in lora_dirs:  # before read_train_args, whose message is about trained adapters
+        if not Path(d).is_dir():
+            raise ModelHubError(f"lora_model '{d}' does not exist")
     base_model = resolve_base_model(args.base_model, lora_dirs)
     check_output_dir(out, args.overwrite, inputs=[base_model])
     check_merge_into(args.merge_into, lora_dirs)

@@ -1,7 +1,6 @@
 """The benchmark's model-FLOPs arithmetic, against counts done by hand."""
-import json
-
 import pytest
+import torch
 
 from conftest import load_script
 
@@ -27,10 +26,37 @@ def test_flops_per_token_by_hand():
     assert bench.flops_per_token(shape, 10, training=True) == 5920
 
 
-def test_measured_cpu_peak_is_positive_and_named():
+def test_measured_cpu_peak_is_matmul_flops_over_the_best_time(monkeypatch):
+    """On a clock that advances 0.25 s per reading, every matmul takes 0.25 s: the peak is the
+    FLOPs torch's own counter gives a 2048x2048 matmul, divided by 0.25."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    ticks = iter(range(10 ** 6))
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: 0.25 * next(ticks))
+    monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: False)
     flops, source = bench.peak_flops("fp32")
-    assert flops > 1e8 and "matmul" in source
-    json.dumps({"peak": flops})  # recorded in results.json
+    with FlopCounterMode(display=False) as counter:
+        a = torch.empty(2048, 2048, device="meta")
+        torch.mm(a, a)
+    assert counter.get_total_flops() == 2 * 2048 ** 3  # one multiply and one add per inner-product term
+    assert flops == counter.get_total_flops() / 0.25
+    assert source == "measured 2048x2048 float32 matmul in this run"
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_training_timings_of_runs_no_longer_than_the_warmup(tiny_model, train16, tmp_path, steps):
+    """A run of 1 or 2 steps keeps one timed step (the last): 4 examples over its seconds."""
+    cfg = bench.parse_config(bench.DEFAULTS, {"train_path": str(train16), "train_examples": 16,
+                                              "train_batch_size": 4, "dtype": "fp32"})
+    cfg.steps = steps
+    tcfg = bench.train_config(cfg, str(tiny_model), str(tmp_path / "run"), True, 256)
+    trainer_stats, counting = bench.run_trainer(tcfg)
+    bare_stats = bench.run_bare(tcfg, counting.batches[:steps])
+    for stats in (trainer_stats, bare_stats):
+        assert stats["seconds"] > 0
+        assert stats["examples_per_second"] == pytest.approx(4 / stats["seconds"])
+        last = counting.batches[steps - 1]
+        assert stats["tokens_per_second"] == pytest.approx(int(last["attention_mask"].sum()) / stats["seconds"])
 
 
 # ------------------------------------------------------ the README's memory estimate (bench/memory_table.py)

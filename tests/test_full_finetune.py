@@ -75,7 +75,8 @@ def test_full_export_and_reload_give_the_same_greedy_outputs(tmp_path, char_mode
     from config_utils import parse_config
     from model_utils import load_for_inference
     from generation import ner_generate
-    from train_core import TRAIN_DEFAULTS, build_datasets, build_model, export_trained, load_datasets_checked
+    from build import build_datasets, build_model, load_datasets_checked
+    from train_core import TRAIN_DEFAULTS, export_trained
     from loss import batch_loss
 
     model_dir, _ = char_model

@@ -81,7 +81,8 @@ def test_grounded_greedy_is_the_processor_in_transformers_generate(policy, model
     where the output layer is a plain linear layer (the random model), and runs it whole where
     it is not (the memorised adapter trains a copy of it: PEFT's modules_to_save)."""
     from generation import ner_generate
-    from grounding import GroundedLogitsProcessor, Grounding, answer_states, sentence_of
+    from dataset import sentence_of
+    from grounding import GroundedLogitsProcessor, Grounding, answer_states
     from model_utils import load_for_inference, load_model_and_tokenizer
 
     test = load_data(msra_dir["dir"] / "instruct_data" / "test.txt")

@@ -236,14 +236,14 @@ def test_pickled_adapter_weights_are_refused_by_name(adapter, tmp_path):
 
 
 def test_crafted_rng_state_is_refused_by_name(memorised_trainer, tmp_path):
-    from train_core import check_checkpoint_files
+    from run_folder import TRAINER_CHECKPOINTS, check_checkpoint_files
 
     ckpt = tmp_path / "checkpoint-4"
     shutil.copytree(sorted(memorised_trainer.glob("checkpoint-*"))[-1], ckpt)
-    check_checkpoint_files(ckpt)  # the Trainer's own RNG file (numpy state) passes
+    check_checkpoint_files(ckpt, TRAINER_CHECKPOINTS)  # the Trainer's own RNG file (numpy state) passes
     torch.save({"python": Crafted()}, ckpt / "rng_state.pth")
     with pytest.raises(UserError, match=rf"checkpoint file {ckpt / 'rng_state.pth'} holds more than training state"):
-        check_checkpoint_files(ckpt)
+        check_checkpoint_files(ckpt, TRAINER_CHECKPOINTS)
 
 
 def test_merge_of_a_truncated_adapter_is_one_line(adapter, tmp_path):

@@ -207,7 +207,8 @@ def test_bitsandbytes_without_support_for_the_device_is_one_line(monkeypatch, tm
 
 def test_resume_with_another_quantization_is_refused(tmp_path, tiny_model, train16):
     from config_utils import UserError, parse_config
-    from train_core import TRAIN_DEFAULTS, prepare_save_dir
+    from run_folder import prepare_save_dir
+    from train_core import TRAIN_DEFAULTS
 
     (tmp_path / "train_args.json").write_text(json.dumps({"model_dir": str(tiny_model), "quantization": "4bit"}))
     cfg = parse_config(TRAIN_DEFAULTS, {"model_dir": str(tiny_model), "train_path": str(train16),

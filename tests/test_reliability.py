@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from conftest import MEMORISE, PYTHON, ROOT, as_argv, free_port, load_script, run_cmd
-from dataset import DEFAULT_INSTRUCT, PROMPT_TEMPLATE, QUERY_PREFIX, load_data
+from dataset import DEFAULT_INSTRUCT, QUERY_PREFIX, load_data, sentence_of
 
 # A short training run on the 16 memorisation examples: seconds, not minutes.
 QUICK = {"lora_dropout": 0.0, "train_batch_size": 4, "max_steps": 2, "save_steps": 2, "eval_steps": 0,
@@ -41,6 +41,12 @@ def no_model_load(monkeypatch):
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", boom)
 
 
+def alpaca_prompt(instruction):
+    """Chinese-Alpaca's prompt text, written out: a change to the template dataset.py builds must fail here."""
+    return ("Below is an instruction that describes a task. Write a response that appropriately completes the "
+            f"request.\n\n### Instruction:\n{instruction}\n\n### Response: ")
+
+
 def one_error_line(stderr):
     """The single `error:` line of a failed command (progress bars may share stderr)."""
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
@@ -56,9 +62,8 @@ def test_chat_with_prompt_answers_plain_text(adapter, tmp_path):
     from model_utils import load_tokenizer
 
     tokenizer = load_tokenizer(adapter)
-    # Plain text is the whole Alpaca instruction, built here from the template string itself.
-    expected = [tokenizer.bos_token_id] + tokenizer.encode(
-        PROMPT_TEMPLATE.format(instruction="你好"), add_special_tokens=False)
+    # Plain text is the whole Alpaca instruction.
+    expected = [tokenizer.bos_token_id] + tokenizer.encode(alpaca_prompt("你好"), add_special_tokens=False)
     assert prompt_ids(tokenizer, "你好", with_prompt=True) == expected
 
     proc = run_cmd([PYTHON, "chat_ner.py", "--lora_model", str(adapter), "--with_prompt", "--interactive",
@@ -142,7 +147,7 @@ def test_model_answer_with_unknown_type_is_unparseable_not_dropped():
 
 LOCK_HOLDER = """
 import time
-from train_core import save_dir_lock
+from run_folder import save_dir_lock
 with save_dir_lock({save_dir!r}):
     print("locked", flush=True)
     time.sleep(120)
@@ -207,7 +212,7 @@ def test_crafted_deepspeed_checkpoint_is_refused_on_a_taken_default_port(tmp_pat
 
 def test_trainer_under_deepspeed_checks_checkpoint_files_before_resuming(tmp_path):
     from config_utils import UserError
-    from train_core import verify_deepspeed_checkpoint
+    from run_folder import verify_deepspeed_checkpoint
 
     marker = tmp_path / "pwned"
     ckpt = tmp_path / "checkpoint-4"
@@ -257,7 +262,7 @@ def test_split_windows_covers_every_character_at_sentence_ends():
 def test_predict_reads_a_long_text_in_windows(adapter, tmp_path):
     trained_on = json.loads((adapter / "train_args.json").read_text(encoding="utf-8"))["train_path"]
     record = load_data(trained_on)[0]
-    sentence = record["query"].removeprefix(QUERY_PREFIX)
+    sentence = sentence_of(record["query"])
     text = sentence * 40  # far past the 256 tokens the adapter was trained with
     out = tmp_path / "long.jsonl"
     proc = run_cmd([PYTHON, "predict.py", f"--lora_model={adapter}", f"--text={text}", f"--output_file={out}",
@@ -286,8 +291,8 @@ def test_bom_is_not_part_of_any_input(adapter, train16, tmp_path):
     tokenizer = load_tokenizer(adapter)
     sentence = QUERY_PREFIX + "我们在北京。"
     assert prompt_ids(tokenizer, "\ufeff" + sentence, True) == prompt_ids(tokenizer, sentence, True) == \
-        [tokenizer.bos_token_id] + tokenizer.encode(
-            PROMPT_TEMPLATE.format(instruction=DEFAULT_INSTRUCT + "\n" + sentence), add_special_tokens=False)
+        [tokenizer.bos_token_id] + tokenizer.encode(alpaca_prompt(DEFAULT_INSTRUCT + "\n" + sentence),
+                                                    add_special_tokens=False)
 
     from dataset import read_text
     assert read_text(bom) == train16.read_text(encoding="utf-8")

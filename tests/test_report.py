@@ -95,6 +95,20 @@ def test_test_py_scores_mentions_from_ori_data(memorised_trainer, msra_dir, tmp_
     mention = metrics["mention"]
     assert mention["gold_spans"] == "annotated spans (ori_data)"
     assert {t: m["support"] for t, m in mention["per_type"].items()} == {t: support.get(t, 0) for t in ("PER", "LOC", "ORG")}
+    # metrics.json against counts made here from the two files test.py read and wrote: the
+    # set level from distinct (entity, type) pairs, the mention level's correct ones from the
+    # annotated spans whose string the model answered with that type.
     saved = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
-    assert saved["mention"]["errors"] == mention["errors"] and saved["level"] == "set"
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
+    tp = fp = fn = correct = 0
+    for rec, row in zip(ori, rows, strict=True):
+        gold = {(e["entity"], e["entity_type"]) for e in rec["entity_list"]}
+        pred = {tuple(e) for e in row["entities"]}
+        tp, fp, fn = tp + len(gold & pred), fp + len(pred - gold), fn + len(gold - pred)
+        correct += sum((rec["text"][e["entity_index"]["begin"]:e["entity_index"]["end"]], e["entity_type"]) in pred
+                       for e in rec["entity_list"])
+    assert saved["level"] == "set" and (saved["tp"], saved["fp"], saved["fn"]) == (tp, fp, fn)
+    assert saved["mention"]["errors"]["correct"] == saved["mention"]["tp"] == correct
+    assert {t: m["support"] for t, m in saved["mention"]["per_type"].items()} == \
+        {t: support.get(t, 0) for t in ("PER", "LOC", "ORG")}
     assert (out / "report.html").stat().st_size > 1000

@@ -165,13 +165,27 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path, tiny_model, train
 
 
 def test_resume_true_picks_latest_complete_trainer_checkpoint(tmp_path):
-    core = load_script("train_core")
+    from run_folder import TRAINER_CHECKPOINTS, latest_checkpoint
+
     for step, complete in [(4, True), (8, True), (12, False)]:
         d = tmp_path / f"checkpoint-{step}"
         d.mkdir()
         if complete:
             (d / "trainer_state.json").write_text("{}")
-    assert core.latest_trainer_checkpoint(tmp_path) == str(tmp_path / "checkpoint-8")
+    assert latest_checkpoint(tmp_path, TRAINER_CHECKPOINTS) == str(tmp_path / "checkpoint-8")
+
+
+def test_resume_true_picks_the_engine_checkpoint_deepspeed_marked_latest(tmp_path):
+    from run_folder import ENGINE_CHECKPOINTS, latest_checkpoint, remove_old_checkpoints
+
+    root = tmp_path / "checkpoints"
+    for step in (4, 8, 12):  # 12: killed while saving, before DeepSpeed wrote `latest`
+        (root / f"global_step{step}").mkdir(parents=True)
+    assert latest_checkpoint(tmp_path, ENGINE_CHECKPOINTS) is None
+    (root / "latest").write_text("global_step8")
+    assert latest_checkpoint(tmp_path, ENGINE_CHECKPOINTS) == str(root / "global_step8")
+    remove_old_checkpoints(tmp_path, ENGINE_CHECKPOINTS, keep=2)
+    assert sorted(p.name for p in root.iterdir()) == ["global_step12", "global_step8", "latest"]
 
 
 # -------------------------------------------------------------------------------- bad input
@@ -247,7 +261,8 @@ def test_mpirun_launches_train_deepspeed(tmp_path, tiny_model, train16):
 def test_shared_prefix_loss_and_gradients_equal_the_plain_forward(tiny_model, train16):
     from config_utils import parse_config
     from loss import loss_free_prefix_length, shared_prefix_loss
-    from train_core import TRAIN_DEFAULTS, build_datasets, build_model, load_datasets_checked
+    from build import build_datasets, build_model, load_datasets_checked
+    from train_core import TRAIN_DEFAULTS
 
     cfg = parse_config(TRAIN_DEFAULTS, {"model_dir": str(tiny_model), "train_path": str(train16), "dev_path": "",
                                         "lora_dropout": 0.0, "lora_modules_to_save": "embed_tokens,lm_head"})
@@ -281,7 +296,8 @@ def test_shared_prefix_loss_and_gradients_equal_the_plain_forward(tiny_model, tr
 
 def test_fresh_start_refuses_then_clears_an_earlier_runs_checkpoints(tmp_path, tiny_model, train16):
     from config_utils import UserError, parse_config
-    from train_core import TRAIN_DEFAULTS, prepare_save_dir
+    from run_folder import prepare_save_dir
+    from train_core import TRAIN_DEFAULTS
 
     for stale in ("checkpoint-1000", "checkpoints/global_step1000"):
         (tmp_path / stale).mkdir(parents=True)
@@ -296,7 +312,7 @@ def test_fresh_start_refuses_then_clears_an_earlier_runs_checkpoints(tmp_path, t
 # ------------------------------------------------------------- sentences without entities
 
 def test_keep_no_entity_keeps_every_entity_sentence_and_a_seeded_share_of_the_rest():
-    from train_core import keep_no_entity
+    from build import keep_no_entity
     records = [{"answer": f"城市{i}_地名" if i % 4 == 0 else "没有", "id": i} for i in range(2000)]
     with_entities = [r for r in records if r["answer"] != "没有"]
     kept = keep_no_entity(records, 0.5, "answer", seed=7)
