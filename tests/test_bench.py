@@ -16,6 +16,15 @@ def test_model_shape_counts_matmul_weights_by_hand(tmp_path):
     # The input embedding is a lookup, not a matmul: not counted.
     per_layer = 4 * 64 * 64 + 3 * 64 * 128
     assert bench.model_shape(str(tmp_path)) == (2 * per_layer + 64 * 100, 2, 64)
+    # The real-model section counts the body apart from the output layer (vocabulary 100).
+    assert bench.body_shape(str(tmp_path)) == (2 * per_layer, 2, 64, 100)
+
+
+def test_real_model_section_is_skipped_in_one_line_without_the_model(tmp_path, capsys):
+    cfg = bench.parse_config(bench.DEFAULTS, {"real_model_dir": str(tmp_path / "absent")})
+    assert bench.run_real_model(cfg, 1e9) is None
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and out[0].startswith("real-model section skipped: no model in")
 
 
 def test_flops_per_token_by_hand():
