@@ -308,8 +308,8 @@ def convert(args):
                                             f"dequantised to {dtype_name(dtype)}.\n", encoding="utf-8")
     n_params = sum(p.numel() for p in plain.parameters())
     size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
-    print(f"wrote {out}: {type(plain).__name__}, {n_params / 1e6:.1f}M parameters, vocabulary {len(tokenizer):,}, "
-          f"{dtype_name(dtype)}, {size / 1e9:.2f} GB of weights ({time.time() - started:.0f} s)")
+    what = f"{type(plain).__name__}, {n_params / 1e6:.1f}M parameters, vocabulary {len(tokenizer):,}, {dtype_name(dtype)}"
+    print(f"wrote {out}: {what}, {size / 1e9:.2f} GB of weights ({time.time() - started:.0f} s)")
     return out
 
 
