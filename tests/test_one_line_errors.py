@@ -278,9 +278,12 @@ def test_ctrl_c_in_test_py_leaves_the_outputs(adapter, msra_dir, tmp_path):
     (out / "metrics.json").write_text('{"earlier": true}\n', encoding="utf-8")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([PYTHON, "test.py", f"--lora_model={adapter}", f"--output_dir={out}",
-                             f"--test_path={msra_dir['dir'] / 'instruct_data' / 'test.txt'}", "--batch_size=1"],
-                            # all 4,631 sentences one at a time: generation outlasts the signal's way
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             f"--test_path={msra_dir['dir'] / 'instruct_data' / 'test.txt'}", "--batch_size=1",
+                             "--limit=500"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            # A suite started in the background (`make test &`) ignores SIGINT, and so
+                            # would the child: give it the default disposition, as a terminal would.
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = ""
     while "test:" not in seen:  # the progress bar: generation has started
         ch = proc.stderr.read(1)
