@@ -423,6 +423,7 @@ def run_real_model(cfg, peak):
     encoder = PromptEncoder(train_args, tokenizer)
     prompt_ids = [encoder.inference_ids(r, 64, 2048)[0] for r in records]
     own_prompt = sum(map(len, prompt_ids)) - (len(records) - 1) * shared_prefix_length(prompt_ids)
+    avg_context = sum(map(len, prompt_ids)) / len(records)
     evals, outputs = {}, {}
     for name, options in variants.items():
         with Stopwatch(AnswerStates, ("choose", "advance")) as grammar:
@@ -431,7 +432,6 @@ def run_real_model(cfg, peak):
                                             max_new_tokens=64, grounded=True, **options)
             elapsed = time.perf_counter() - start
         answer = sum(len(tokenizer.encode(o, add_special_tokens=False)) + 1 for o in outputs[name])  # + EOS
-        avg_context = sum(map(len, prompt_ids)) / len(records)
         body_flops = (own_prompt + answer) * (2 * n_body + 4 * layers * hidden * avg_context)
         evals[name] = {"seconds": elapsed, "examples_per_second": len(records) / elapsed,
                        "answer_tokens": answer / len(records), "mfu": body_flops / elapsed / peak,
