@@ -45,6 +45,7 @@ DEFAULTS = {
     "trust_remote_code": False,  # run code shipped with the model (only for models transformers lacks)
     "quantization": None,  # None: as the adapter was trained (train_args.json), else none; or none, 4bit, 8bit
     "grounded": True,  # NER inputs (文本：... with --with_prompt): answers only name the sentence's substrings and the label set's types
+    "eos_penalty": 0.0,  # grounded: logit taken from EOS where an answer could end; >0 lists more entities (README)
 }
 
 
@@ -139,7 +140,7 @@ class Chat:
             # NER inputs only; plain chat stays unconstrained.
             sentences = [ner_sentence(text) for text in texts]
             if any(s is not None for s in sentences):
-                grounding = Grounding(sentences, self.label_names)
+                grounding = Grounding(sentences, self.label_names, eos_penalty=self.args.eos_penalty)
         return self._generate(self.model, self.tokenizer, prompts, max_new_tokens=self.args.max_new_tokens,
                               batch_size=self.args.batch_size, max_prompt_tokens=self.max_prompt,
                               grounding=grounding, **self.sampling)

@@ -12,12 +12,13 @@ from model_utils import label_names_for
 
 
 def ner_generate(model, tokenizer, train_args, records, batch_size=16, max_new_tokens=64, progress=None,
-                 grounded=False, label_names=None, policy=None, **generate_options):
+                 grounded=False, label_names=None, policy=None, eos_penalty=0.0, **generate_options):
     """Instruct records -> raw generated answers, prompts built exactly as in training.
 
     With `grounded`, answers are constrained to substrings of each record's sentence (its query
     after `文本：`) and the names of `label_names` (default: the adapter's label set), choosing by
-    the greedy `policy` (default grounding.DEFAULT_POLICY); see grounding.py.
+    the greedy `policy` (default grounding.DEFAULT_POLICY), with `eos_penalty` subtracted from EOS's
+    logit where an answer could end; see grounding.py.
     Returns (outputs, number of queries shortened to fit the trained max_seq_length).
     """
     collate = PromptEncoder(train_args, tokenizer)
@@ -38,7 +39,7 @@ def ner_generate(model, tokenizer, train_args, records, batch_size=16, max_new_t
         from grounding import DEFAULT_POLICY, Grounding
 
         grounding = Grounding([sentence_of(rec[collate.query_column]) for rec in records],
-                              label_names or label_names_for(train_args), policy or DEFAULT_POLICY)
+                              label_names or label_names_for(train_args), policy or DEFAULT_POLICY, eos_penalty)
     outputs = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
                        batch_size=batch_size, progress=progress, grounding=grounding, **generate_options)
     return outputs, shortened

@@ -24,6 +24,9 @@ How it works:
   logit) are checked, most likely first; greedy decoding stops at the first allowed one, so an
   answer that obeys the grammar is generated unchanged. When none of them is allowed, the
   tokens the row can allow at all (`Grammar.relevant_ids`) are scanned in logit order.
+- An answer list's end can be biased (`eos_penalty`, a logit subtracted from EOS wherever the
+  answer could end; 0 by default): a lightly tuned model's choice after a complete line, another
+  line or EOS, is close to even, and greedy decoding then stops after one entity too often.
 - Two greedy policies (POLICIES). `best_allowed`: every step takes the most likely allowed
   token; it only ever looks at the tokens a row can allow (a few hundred of a 262,144-token
   vocabulary), so generation computes only those logits. `first_choice`: past the first
@@ -32,6 +35,7 @@ How it works:
   string or repeating a pair; it needs every logit. With sampling, the draw is among the
   allowed tokens of the top `candidates` (as top_k would do).
 """
+import math
 import re
 import weakref
 from dataclasses import dataclass
@@ -60,14 +64,18 @@ _VOCABS = weakref.WeakKeyDictionary()  # tokenizer -> _Vocab
 @dataclass
 class Grounding:
     """What generate needs to ground its answers: one sentence per prompt (None: that row is not
-    constrained), the label set ({type code: name}; answers use the names) and the greedy policy."""
+    constrained), the label set ({type code: name}; answers use the names), the greedy policy and
+    the logit subtracted from EOS where an answer could end (0: none)."""
     sentences: list
     label_names: dict
     policy: str = DEFAULT_POLICY
+    eos_penalty: float = 0.0
 
     def __post_init__(self):
         if self.policy not in POLICIES:
             raise ValueError(f"grounding policy {self.policy!r}: expected one of {', '.join(POLICIES)}")
+        if not math.isfinite(self.eos_penalty):
+            raise ValueError(f"eos_penalty {self.eos_penalty!r}: expected a finite number")
 
 
 class State(NamedTuple):
@@ -372,9 +380,10 @@ class AnswerStates:
     ever allow: `best_allowed` needs no other logit).
     """
 
-    def __init__(self, vocab, grammars, max_new_tokens, policy=DEFAULT_POLICY, candidates=CANDIDATES, greedy=True):
+    def __init__(self, vocab, grammars, max_new_tokens, policy=DEFAULT_POLICY, candidates=CANDIDATES, greedy=True,
+                 eos_penalty=0.0):
         # `policy` comes checked from Grounding (answer_states builds these from one).
-        self.vocab, self.grammars, self.policy = vocab, grammars, policy
+        self.vocab, self.grammars, self.policy, self.eos_penalty = vocab, grammars, policy, eos_penalty
         self.max_new_tokens, self.candidates, self.greedy = max_new_tokens, candidates, greedy
         self.states = [g.start if g is not None else None for g in grammars]
         self.done = 0  # tokens generated so far
@@ -421,6 +430,13 @@ class AnswerStates:
         ids = self._token_ids if restricted else None
         if restricted:
             scores = scores.masked_fill(~self._member[rows], -INF)
+        if self.eos_penalty:
+            # EOS is only ever allowed where the answer is complete: the penalty moves the list's end
+            # and nothing else (a copy: the caller's scores stay as the model gave them).
+            eos_col = self.vocab.eos_id if ids is None else int(torch.searchsorted(ids, self.vocab.eos_id))
+            if not restricted:
+                scores = scores.clone()
+            scores[:, eos_col] -= self.eos_penalty
         left = self.max_new_tokens - self.done  # tokens this step and after
         top = torch.topk(scores, min(self.candidates, scores.shape[1]), dim=1)
         # Scores travel to the host once per step with their ids (one read per token would be one
@@ -482,6 +498,8 @@ class GroundedLogitsProcessor(LogitsProcessor):
         idx_r = torch.tensor(keep_rows, device=scores.device)
         idx_c = torch.tensor(keep_cols, device=scores.device)
         kept = scores[idx_r, idx_c]
+        if self.answers.eos_penalty:
+            kept = kept - self.answers.eos_penalty * (idx_c == self.answers.vocab.eos_id)  # as choose scored them
         if len(rows) == scores.shape[0]:
             scores.fill_(-INF)  # in place: generate does not use the raw scores again
         else:
@@ -495,4 +513,4 @@ def answer_states(tokenizer, grounding, rows, max_new_tokens, candidates=CANDIDA
     vocab = vocab_for(tokenizer)
     grammars = [None if grounding.sentences[i] is None else Grammar(vocab, grounding.sentences[i], grounding.label_names)
                 for i in rows]
-    return AnswerStates(vocab, grammars, max_new_tokens, grounding.policy, candidates, greedy)
+    return AnswerStates(vocab, grammars, max_new_tokens, grounding.policy, candidates, greedy, grounding.eos_penalty)

@@ -41,6 +41,7 @@ INFER_DEFAULTS = {
     "max_new_tokens": 64,  # answer budget; MSRA answers are ~10 tokens, the longest ~60
     "grounded": True,  # answers may only name substrings of the sentence and the label set's types (grounding.py)
     "grounding_policy": DEFAULT_POLICY,  # greedy grounded choice: best_allowed (only allowed tokens' logits) or first_choice (README)
+    "eos_penalty": 0.0,  # grounded: logit taken from EOS where an answer could end; >0 lists more entities (README)
     "dtype": "auto",  # auto: bf16/fp16 on a GPU, fp32 on CPU
     "device": "auto",  # auto: cuda when available, else cpu; or e.g. cuda:1
     "trust_remote_code": False,  # run code shipped with the model (only for models transformers lacks)

@@ -167,7 +167,8 @@ def main(argv=None):
     pieces, owners, starts = windowed(records, tokenizer, train_args, cfg.max_new_tokens,
                                       model.config.max_position_embeddings)
     outputs, _ = ner_generate(model, tokenizer, train_args, pieces, cfg.batch_size, cfg.max_new_tokens,
-                              grounded=cfg.grounded, label_names=label_names, policy=cfg.grounding_policy)
+                              grounded=cfg.grounded, label_names=label_names, policy=cfg.grounding_policy,
+                              eos_penalty=cfg.eos_penalty)
     results = [{"text": sentence_of(r["query"]), "outputs": [], "entities": [], "windows": 0}
                for r in records]
     for piece, owner, start, output in zip(pieces, owners, starts, outputs):

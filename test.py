@@ -124,7 +124,8 @@ def main(argv=None):
     with tqdm(total=len(records), desc="test", unit="ex") as bar:
         outputs, shortened = ner_generate(model, tokenizer, train_args, records, cfg.batch_size,
                                           cfg.max_new_tokens, progress=bar.update, grounded=cfg.grounded,
-                                          label_names=label_names, policy=cfg.grounding_policy)
+                                          label_names=label_names, policy=cfg.grounding_policy,
+                                          eos_penalty=cfg.eos_penalty)
     elapsed = time.perf_counter() - start
 
     examples, rows = [], []
@@ -141,6 +142,7 @@ def main(argv=None):
         ex["gold_spans"] = sentence_spans if spans else mention_spans(ex["text"], gold.entities)
     metrics.update(level="set", f1_ci95=bootstrap_f1(examples, seed=cfg.seed), sample=cfg.sample or None,
                    seed=cfg.seed, grounding_policy=cfg.grounding_policy if cfg.grounded else None,
+                   eos_penalty=cfg.eos_penalty if cfg.grounded else None,
                    examples_per_second=len(records) / elapsed, queries_shortened=shortened,
                    test_path=str(cfg.test_path), lora_model=None if cfg.no_adapter else str(cfg.lora_model),
                    label_names=label_names)

@@ -73,9 +73,11 @@ def test_finished_rows_leave_the_batch(memorised_trainer, train16, msra_dir):
     assert outputs == reference(model, tokenizer, prompts, 48)
 
 
-@pytest.mark.parametrize("policy, model_kind", [("best_allowed", "random"), ("best_allowed", "memorised"),
-                                                ("first_choice", "memorised")])
-def test_grounded_greedy_is_the_processor_in_transformers_generate(policy, model_kind, request, tiny_model, msra_dir):
+@pytest.mark.parametrize("policy, model_kind, eos_penalty", [
+    ("best_allowed", "random", 0.0), ("best_allowed", "memorised", 0.0), ("first_choice", "memorised", 0.0),
+    ("best_allowed", "random", 2.0), ("first_choice", "memorised", 2.0)])
+def test_grounded_greedy_is_the_processor_in_transformers_generate(policy, model_kind, eos_penalty, request,
+                                                                   tiny_model, msra_dir):
     """The processor inside transformers' generate sees every logit; the loop with best_allowed
     computes only the allowed tokens' (the output layer never runs on the whole vocabulary)
     where the output layer is a plain linear layer (the random model), and runs it whole where
@@ -94,7 +96,7 @@ def test_grounded_greedy_is_the_processor_in_transformers_generate(policy, model
         model, tokenizer, _ = load_for_inference(str(adapter), device="cpu")
         # Memorised sentences (answers with entities) and unseen ones (where the grammar intervenes).
         records = load_data(request.getfixturevalue("train16"))[:6] + test[:6]
-    grounding = Grounding([sentence_of(r["query"]) for r in records], DEFAULT_LABEL_NAMES, policy)
+    grounding = Grounding([sentence_of(r["query"]) for r in records], DEFAULT_LABEL_NAMES, policy, eos_penalty)
     states = {}
 
     def processor_for(i):
@@ -107,7 +109,7 @@ def test_grounded_greedy_is_the_processor_in_transformers_generate(policy, model
     calls = []
     hook = head.register_forward_hook(lambda m, a, out: calls.append(out.shape))
     outputs, _ = ner_generate(model, tokenizer, {"max_seq_length": 512}, records, batch_size=6, max_new_tokens=16,
-                              grounded=True, policy=policy)
+                              grounded=True, policy=policy, eos_penalty=eos_penalty)
     hook.remove()
     assert outputs == expected
     assert sum(o != "没有" for o in outputs) > 3  # entities were named, not only 没有

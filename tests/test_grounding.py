@@ -258,6 +258,51 @@ def test_processor_closes_the_line_when_the_budget_runs_out(tiny_model, explore)
     assert choice == underscore
 
 
+@pytest.mark.parametrize("policy", ["best_allowed", "first_choice"])
+@pytest.mark.parametrize("restricted", [False, True])
+def test_eos_penalty_moves_only_the_end_of_the_list(tokenizer, policy, restricted):
+    """After a complete line the model ranks EOS 1.0 above a newline: EOS stands until the
+    penalty exceeds that margin. Mid-line the choice is the same with or without a penalty.
+    Scores over the whole vocabulary or only the grammar's tokens."""
+    from grounding import Grounding, answer_states, vocab_for
+
+    vocab = vocab_for(tokenizer)
+    newline = vocab.ids_of[b"\n"][0]
+    bei = _own(tokenizer, "北")[0]
+
+    def choice(generated, ranked, penalty):
+        answers = answer_states(tokenizer, Grounding([SENTENCE], DEFAULT_LABEL_NAMES, policy, penalty), [0], 16)
+        for tok in generated:
+            answers.advance([tok])
+        scores = torch.zeros(1, len(tokenizer))
+        for tok, value in ranked.items():
+            scores[0, tok] = value
+        if restricted:
+            ids = answers.token_ids("cpu")
+            scores = scores[:, ids]
+        before = scores.clone()
+        chosen = answers.choose([0], scores, restricted=restricted)[0]
+        assert torch.equal(scores, before)  # the caller's scores are left as they were
+        return min(chosen)
+
+    line = _own(tokenizer, "北京_地名")
+    for penalty, expected in [(0.0, vocab.eos_id), (0.9, vocab.eos_id), (1.1, newline), (5.0, newline)]:
+        assert choice(line, {vocab.eos_id: 10.0, newline: 9.0}, penalty) == expected, penalty
+    # Mid-line: best_allowed continues the line, first_choice ends the answer there (its rule for a
+    # first choice that breaks the grammar); the penalty changes neither.
+    jing = _own(tokenizer, "京")[0]
+    expected = jing if policy == "best_allowed" else vocab.eos_id
+    for penalty in (0.0, 5.0, -5.0):
+        assert choice([bei], {vocab.eos_id: 20.0, jing: 10.0}, penalty) == expected, penalty
+
+
+def test_eos_penalty_must_be_finite():
+    from grounding import Grounding
+
+    with pytest.raises(ValueError, match="eos_penalty"):
+        Grounding([SENTENCE], DEFAULT_LABEL_NAMES, eos_penalty=float("nan"))
+
+
 @pytest.fixture(scope="module")
 def base_model(tiny_model):
     from model_utils import load_model_and_tokenizer

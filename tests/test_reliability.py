@@ -404,9 +404,11 @@ def test_bad_training_values_are_one_line(tmp_path, tiny_model, train16, option,
 
 
 @pytest.mark.parametrize("script", ["test", "predict"])
-@pytest.mark.parametrize("option", ["--max_new_tokens=0", "--batch_size=0"])
-def test_bad_inference_values_fail_before_loading(adapter, train16, script, option, no_model_load):
-    with pytest.raises(Exception, match=f"'{option[2:].split('=')[0]}': 0 must be at least 1"):
+@pytest.mark.parametrize("option, expected", [("--max_new_tokens=0", "'max_new_tokens': 0 must be at least 1"),
+                                              ("--batch_size=0", "'batch_size': 0 must be at least 1"),
+                                              ("--eos_penalty=nan", "'eos_penalty': 'nan' is not a float")])
+def test_bad_inference_values_fail_before_loading(adapter, train16, script, option, expected, no_model_load):
+    with pytest.raises(Exception, match=expected):
         load_script(script).main([f"--lora_model={adapter}", f"--test_path={train16}" if script == "test"
                                   else "--text=北京", option])
 
