@@ -11,11 +11,17 @@ import ast
 import difflib
 import errno
 import io
+import logging
 import os
 import re
 import sys
 import tokenize
 from pathlib import Path
+
+# On CPUs with AVX512-BF16, bitsandbytes tries to fetch an optional 4-bit kernel from the model hub at
+# import and logs a warning when it cannot (never reachable offline); its own CPU kernel is used
+# instead. Every script imports this module first, so errors stay the one line they are meant to be.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 class UserError(Exception):
