@@ -387,7 +387,7 @@ class AnswerStates:
         self.max_new_tokens, self.candidates, self.greedy = max_new_tokens, candidates, greedy
         self.states = [g.start if g is not None else None for g in grammars]
         self.done = 0  # tokens generated so far
-        self._token_ids = self._member = None
+        self._token_ids = self._member = self._eos_col = None
 
     @property
     def needs_full_logits(self):
@@ -400,6 +400,7 @@ class AnswerStates:
         if self._token_ids is None:
             ids = sorted(set().union(*(g.relevant for g in self.grammars)))
             self._token_ids = torch.tensor(ids, device=device)
+            self._eos_col = ids.index(self.vocab.eos_id)  # EOS is in every grammar's set
             col = {tok: j for j, tok in enumerate(ids)}
             member = torch.zeros(len(self.grammars), len(ids), dtype=torch.bool)
             for r, g in enumerate(self.grammars):
@@ -433,7 +434,7 @@ class AnswerStates:
         if self.eos_penalty:
             # EOS is only ever allowed where the answer is complete: the penalty moves the list's end
             # and nothing else (a copy: the caller's scores stay as the model gave them).
-            eos_col = self.vocab.eos_id if ids is None else int(torch.searchsorted(ids, self.vocab.eos_id))
+            eos_col = self.vocab.eos_id if ids is None else self._eos_col
             if not restricted:
                 scores = scores.clone()
             scores[:, eos_col] -= self.eos_penalty
