@@ -204,6 +204,25 @@ def check_quantization(quantization, device="auto", where="config key 'quantizat
                           f"{device.type} ('{BITSANDBYTES_REQUIREMENT}')") from None
 
 
+def keep_4bit_numerics(model):
+    """Keep bitsandbytes' 4-bit layers computing in eval as they did in training, on the CPU.
+
+    On CPUs with AVX512-BF16, a Linear4bit in eval mode repacks its weight at its first forward
+    and from then on multiplies in bf16, whatever compute dtype it was given: fp32 logits then
+    move by ~2e-3, so test.py would score another model than the one trained (and than the
+    dequantised merge). The repacking also fails on layers whose input size is not a multiple
+    of the quantisation block (`shape '[128, 5]' is invalid`). The path is kept only where it
+    computes in the dtype asked for and the layer's shape fits it.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit) and getattr(module, "support_avx512bf16_for_cpu", False):
+            state = module.weight.quant_state
+            fits = module.in_features % state.blocksize == 0 and module.out_features % 32 == 0
+            module.support_avx512bf16_for_cpu = fits and module.compute_dtype == torch.bfloat16
+
+
 def quantized_weights(model):
     """{parameter name: the weight a 4-bit layer computes with}, dequantised on demand.
 
@@ -318,6 +337,8 @@ def load_model_and_tokenizer(model_dir, tokenizer_path=None, lora_model=None, dt
             f"{vocab} embeddings; use the tokenizer that belongs to this model (--tokenizer_path)"
         )
     model.config.pad_token_id = tokenizer.pad_token_id
+    if quantization == "4bit" and device.type == "cpu":
+        keep_4bit_numerics(model)
     if lora_model:
         model = apply_adapter(model, lora_model, is_trainable=is_trainable)
     if not quantized:  # quantised layers were loaded onto `device`

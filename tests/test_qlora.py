@@ -59,6 +59,9 @@ def test_qlora_adapter_reloads_in_plain_peft(memorised_qlora, train16):
     base = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=config, device_map="cpu",
                                                 dtype=torch.float32)
     plain = PeftModel.from_pretrained(base, str(adapter)).eval()
+    for module in plain.modules():  # bitsandbytes' bf16 eval path on AVX512-BF16 CPUs: off, as
+        if hasattr(module, "support_avx512bf16_for_cpu"):  # the loader turns it off for fp32 layers
+            module.support_avx512bf16_for_cpu = False
     tokenizer = AutoTokenizer.from_pretrained(str(adapter))
     ours, _, _ = load_for_inference(str(adapter), device="cpu")
     assert quantized_layers(plain) == quantized_layers(ours) == {"Linear4bit"}
@@ -70,6 +73,27 @@ def test_qlora_adapter_reloads_in_plain_peft(memorised_qlora, train16):
             untrained = plain(input_ids=ids).logits
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
     assert (expected - untrained).abs().max() > 1e-2  # the adapter is what makes the difference
+
+
+@pytest.mark.parametrize("in_features,out_features,compute_dtype,kept", [
+    (128, 64, torch.float32, False),   # fits, but would compute in bf16 what was asked in fp32
+    (128, 64, torch.bfloat16, True),   # fits and computes in the dtype asked for
+    (96, 64, torch.bfloat16, False),   # input size not a multiple of the 64-wide block
+    (128, 48, torch.bfloat16, False),  # output size not a multiple of the 32-row packing
+])
+def test_bf16_cpu_path_kept_only_where_it_computes_what_was_asked(in_features, out_features, compute_dtype, kept):
+    from model_utils import keep_4bit_numerics
+
+    layer = bnb.nn.Linear4bit(in_features, out_features, bias=False, compute_dtype=compute_dtype,
+                              quant_type="nf4", compress_statistics=True).to("cpu")
+    layer.support_avx512bf16_for_cpu = True  # as on an AVX512-BF16 CPU, whatever this one has
+    keep_4bit_numerics(torch.nn.Sequential(layer))
+    assert layer.support_avx512bf16_for_cpu is kept
+    if not kept:  # the layer computes as in training: x times its dequantised weight
+        x = torch.randn(3, in_features, dtype=compute_dtype)
+        with torch.no_grad():
+            expected = x @ bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(compute_dtype).T
+            torch.testing.assert_close(layer.eval()(x), expected, atol=1e-4, rtol=1e-3)
 
 
 # ----------------------------------------------------------------------------- merging
