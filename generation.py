@@ -95,7 +95,64 @@ def _logits(model, head, hidden, rows=None):
     return logits
 
 
-def _greedy(model, input_ids, attention_mask, cache, shared, max_new_tokens, eos_id, answers=None):
+# Prompt tokens run through the model in one forward while a batch's prompts are read (its
+# prefill). Past about a thousand tokens the activations ([tokens, intermediate] fp32) outgrow
+# the CPU's caches and every elementwise op slows: Gemma 3 270M, 2 cores, measured per prompt
+# token: 1.45 ms at 576 and 1,152 tokens, 2.1 ms at 2,304 and 4,608. Larger batches are read in
+# row chunks of at most this many tokens, then decoded together (bench/bench.py: real model).
+PREFILL_TOKENS = 1152
+
+
+def _chunkable(cache):
+    """Whether prefill chunks' caches can be joined row-wise: transformers' own dynamic layers,
+    which hold nothing per row but their keys and values."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+
+    return type(cache) is DynamicCache and all(type(layer) in (DynamicLayer, DynamicSlidingWindowLayer)
+                                               for layer in cache.layers)
+
+
+def _prefill(model, body, input_ids, attention_mask, prefix_kv, shared, prefill_tokens):
+    """The batch's prompts through the body: (its KV cache, each row's last hidden state).
+
+    `prefix_kv` holds the shared prefix's keys and values (one row), copied for every row of the
+    batch. Rows are read in chunks of at most `prefill_tokens` tokens (at least one row), each
+    on its own cache, whose keys and values are then joined: every row computes exactly what
+    it computes in one forward (rows never attend to each other), on smaller activations.
+    """
+    import copy
+
+    from transformers import DynamicCache
+
+    # Positions from the mask, as transformers' generate computes them: left padding and the
+    # [shared prefix | padding | own tokens] layout of a cached batch put every token where it
+    # would be alone.
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    rows = input_ids.shape[0]
+    per_chunk = max(1, prefill_tokens // max(1, input_ids.shape[1] - shared))
+    if per_chunk < rows and not _chunkable(prefix_kv if prefix_kv is not None else DynamicCache(config=model.config)):
+        per_chunk = rows
+    caches, hidden = [], []
+    for start in range(0, rows, per_chunk):
+        part = slice(start, start + per_chunk)
+        cache = None
+        if prefix_kv is not None:
+            cache = copy.deepcopy(prefix_kv)
+            cache.batch_repeat_interleave(input_ids[part].shape[0])
+        out = body(input_ids=input_ids[part, shared:], attention_mask=attention_mask[part],
+                   position_ids=positions[part, shared:], cache=cache, use_cache=True)
+        caches.append(out.cache)
+        hidden.append(out.last_hidden_state[:, -1])
+    cache = caches[0]
+    if len(caches) > 1:
+        for i, layer in enumerate(cache.layers):
+            layer.keys = torch.cat([c.layers[i].keys for c in caches])
+            layer.values = torch.cat([c.layers[i].values for c in caches])
+    return cache, torch.cat(hidden)
+
+
+def _greedy(model, input_ids, attention_mask, prefix_kv, shared, max_new_tokens, eos_id, answers=None,
+            prefill_tokens=PREFILL_TOKENS):
     """Greedy decoding of one left-padded batch; the generated ids of each row, EOS excluded.
 
     Rows that finish leave the batch (their cache rows are dropped), so the rest run on a
@@ -109,13 +166,7 @@ def _greedy(model, input_ids, attention_mask, cache, shared, max_new_tokens, eos
     rows = None  # the output layer's rows for token_ids, gathered once per batch
     if token_ids is not None:
         rows = (head.weight[token_ids], None if head.bias is None else head.bias[token_ids])
-    # Positions from the mask, as transformers' generate computes them: left padding and the
-    # [shared prefix | padding | own tokens] layout of a cached batch put every token where it
-    # would be alone.
-    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    out = body(input_ids=input_ids[:, shared:], attention_mask=attention_mask, position_ids=positions[:, shared:],
-               cache=cache, use_cache=True)
-    cache, hidden = out.cache, out.last_hidden_state[:, -1]
+    cache, hidden = _prefill(model, body, input_ids, attention_mask, prefix_kv, shared, prefill_tokens)
     alive = list(range(input_ids.shape[0]))  # batch rows still generating, in cache order
     generated = [[] for _ in alive]
     for step in range(max_new_tokens):
@@ -152,7 +203,8 @@ def _greedy(model, input_ids, attention_mask, cache, shared, max_new_tokens, eos
 
 @torch.inference_mode()
 def generate(model, tokenizer, prompts, max_new_tokens=64, batch_size=8, progress=None,
-             max_prompt_tokens=None, prefix_cache=True, grounding=None, own_loop=True, **sampling):
+             max_prompt_tokens=None, prefix_cache=True, grounding=None, own_loop=True,
+             prefill_tokens=PREFILL_TOKENS, **sampling):
     """Token-id prompts -> decoded continuations, in input order.
 
     Prompts of similar length share a batch (less padding); padding sits on the left with an
@@ -166,7 +218,8 @@ def generate(model, tokenizer, prompts, max_new_tokens=64, batch_size=8, progres
     generate instead, the reference it is tested against) unless `sampling` has do_sample=True. Generation stops at EOS; the text after it is dropped.
     `grounding` (grounding.Grounding: one sentence per prompt, None for a free row, the label
     set and the greedy policy) constrains the answers to that sentence's substrings and the
-    label names. `progress(n)` is called after each batch.
+    label names. The own loop reads a batch's prompts in row chunks of at most `prefill_tokens`
+    tokens (see PREFILL_TOKENS). `progress(n)` is called after each batch.
     """
     import copy
 
@@ -217,10 +270,6 @@ def generate(model, tokenizer, prompts, max_new_tokens=64, batch_size=8, progres
             input_ids[row, :shared] = torch.tensor(prompts[i][:shared])
             attention_mask[row, :shared] = 1
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-        cache = None
-        if prefix_kv is not None:
-            cache = copy.deepcopy(prefix_kv)
-            cache.batch_repeat_interleave(len(batch))
         answers = None
         if grounding is not None:
             answers = grounding_module.answer_states(tokenizer, grounding, batch, max_new_tokens, candidates,
@@ -228,15 +277,18 @@ def generate(model, tokenizer, prompts, max_new_tokens=64, batch_size=8, progres
         if gen_config.do_sample or not own_loop:
             from transformers import LogitsProcessorList
 
-            extra = {} if cache is None else {"cache": cache}
+            extra = {}
+            if prefix_kv is not None:
+                extra["cache"] = copy.deepcopy(prefix_kv)
+                extra["cache"].batch_repeat_interleave(len(batch))
             if answers is not None:
                 extra["logits_processor"] = LogitsProcessorList([grounding_module.GroundedLogitsProcessor(answers)])
             generated = model.generate(input_ids=input_ids, attention_mask=attention_mask,
                                        generation_config=gen_config, **extra)
             new_ids = [generated[row, longest:].tolist() for row in range(len(batch))]
         else:
-            new_ids = _greedy(model, input_ids, attention_mask, cache, shared, max_new_tokens,
-                              tokenizer.eos_token_id, answers)
+            new_ids = _greedy(model, input_ids, attention_mask, prefix_kv, shared, max_new_tokens,
+                              tokenizer.eos_token_id, answers, prefill_tokens)
         for row, (i, new) in enumerate(zip(batch, new_ids)):
             if tokenizer.eos_token_id in new:
                 new = new[:new.index(tokenizer.eos_token_id)]

@@ -60,10 +60,12 @@ DEFAULTS = {
     # The real-model section (skipped with one line when the folder is absent; `make gemma` makes it).
     "real_model_dir": str(ROOT / "model_hub" / "gemma-3-270m"),
     "real_adapter": str(ROOT / "checkpoint" / "msra" / "gemma" / "adapter_model"),  # a tuned adapter (make demo); absent: an untrained LoRA
-    "real_train_steps": 6,  # optimizer steps per real-model training variant (the first 2 not timed)
+    "real_train_steps": 10,  # optimizer steps per real-model training variant (the first 2 not timed)
     "real_train_batch_size": 8,
-    "real_eval_examples": 128,  # seeded sample of MSRA test sentences for the real-model generation variants
-    "real_eval_batch_size": 32,  # test.py's default batch_size
+    "real_eval_examples": 256,  # seeded sample of MSRA test sentences for the real-model generation variants
+    "real_eval_batch_size": 32,  # test.py's default batch_size: variants (a) to (d)
+    "real_demo_batch_size": 64,  # make demo's test.py batch (GEMMA_EVAL_BATCH): variant (e)
+    "real_eos_penalty": 1.5,  # make demo's eos_penalty (GEMMA_EOS_PENALTY), in every variant
 }
 
 
@@ -415,7 +417,8 @@ def run_real_model(cfg, peak):
     variants = {"transformers_first_choice": dict(own_loop=False, policy="first_choice"),
                 "own_first_choice": dict(policy="first_choice"),
                 "own_best_allowed": dict(policy="best_allowed"),
-                "transformers_best_allowed": dict(own_loop=False, policy="best_allowed")}
+                "transformers_best_allowed": dict(own_loop=False, policy="best_allowed"),
+                "own_best_allowed_demo_batch": dict(policy="best_allowed", batch_size=cfg.real_demo_batch_size)}
     ner_generate(model, tokenizer, train_args, records[:2], max_new_tokens=4, grounded=True)  # warm-up, token table
     from dataset import PromptEncoder
     from generation import shared_prefix_length
@@ -428,12 +431,13 @@ def run_real_model(cfg, peak):
     for name, options in variants.items():
         with Stopwatch(AnswerStates, ("choose", "advance")) as grammar:
             start = time.perf_counter()
-            outputs[name], _ = ner_generate(model, tokenizer, train_args, records, batch_size=cfg.real_eval_batch_size,
-                                            max_new_tokens=64, grounded=True, **options)
+            options = {"batch_size": cfg.real_eval_batch_size, **options}
+            outputs[name], _ = ner_generate(model, tokenizer, train_args, records, max_new_tokens=64, grounded=True,
+                                            eos_penalty=cfg.real_eos_penalty, **options)
             elapsed = time.perf_counter() - start
         answer = sum(len(tokenizer.encode(o, add_special_tokens=False)) + 1 for o in outputs[name])  # + EOS
         body_flops = (own_prompt + answer) * (2 * n_body + 4 * layers * hidden * avg_context)
-        evals[name] = {"seconds": elapsed, "examples_per_second": len(records) / elapsed,
+        evals[name] = {"seconds": elapsed, "batch_size": options["batch_size"], "examples_per_second": len(records) / elapsed,
                        "answer_tokens": answer / len(records), "mfu": body_flops / elapsed / peak,
                        "grammar_share": grammar.seconds / elapsed}
     differ = sum(a != b for a, b in zip(outputs["own_first_choice"], outputs["own_best_allowed"]))
@@ -443,8 +447,12 @@ def run_real_model(cfg, peak):
         "eval_examples": len(records), "eval_batch_size": cfg.real_eval_batch_size, "eval": evals,
         "own_loop_identical": outputs["transformers_first_choice"] == outputs["own_first_choice"],
         "allowed_logits_identical": outputs["transformers_best_allowed"] == outputs["own_best_allowed"],
+        "demo_batch_identical": outputs["own_best_allowed_demo_batch"] == outputs["own_best_allowed"],
+        "eos_penalty": cfg.real_eos_penalty,
         "policies_differ_on": differ,
         "test_py_speedup": evals["own_best_allowed"]["examples_per_second"]
+        / evals["transformers_first_choice"]["examples_per_second"],
+        "demo_speedup": evals["own_best_allowed_demo_batch"]["examples_per_second"]
         / evals["transformers_first_choice"]["examples_per_second"],
     }
 
@@ -513,6 +521,8 @@ def write_markdown(path, results, command):
 
 
 def real_model_markdown(r):
+    from generation import PREFILL_TOKENS
+
     t, e = r["train"], r["eval"]
     lines = ["## A real model", "",
              f"{r['model']}, adapter: {r['adapter']}. Same run, same peak as above. MFU here counts the body "
@@ -526,18 +536,23 @@ def real_model_markdown(r):
              "| variant | examples/s | MFU | final loss |", "|---|---|---|---|"]
     lines += table_rows(t, {"ours": "train_trainer.py (HF Trainer)", "bare": "bare PyTorch loop, same batches and loss"},
                         lambda s: [f"{s['examples_per_second']:.2f}", f"{s['mfu']:.1%}", f"{s['final_loss']:.3f}"])
-    lines += ["", f"Generation: {r['eval_examples']} seeded MSRA test sentences, grounded, batch "
-                  f"{r['eval_batch_size']}, up to 64 new tokens.", "",
+    lines += ["", f"Generation: {r['eval_examples']} seeded MSRA test sentences, grounded (eos_penalty "
+                  f"{r['eos_penalty']}), batch {r['eval_batch_size']} unless the row says otherwise, up to 64 new "
+                  "tokens. The own loop reads a batch's prompts in row chunks of at most "
+                  f"{PREFILL_TOKENS} tokens (generation.PREFILL_TOKENS).", "",
               "| variant | examples/s | answer tokens | MFU | grammar share of the time |", "|---|---|---|---|---|"]
     names = {"transformers_first_choice": "(a) transformers' generate, first_choice (test.py before)",
              "own_first_choice": "(b) own loop, first_choice (finished rows leave the batch)",
              "own_best_allowed": "(c) own loop, best_allowed: only the allowed tokens' logits (test.py now)",
-             "transformers_best_allowed": "(d) transformers' generate, best_allowed (every logit)"}
+             "transformers_best_allowed": "(d) transformers' generate, best_allowed (every logit)",
+             "own_best_allowed_demo_batch": f"(e) as (c), batch {e['own_best_allowed_demo_batch']['batch_size']} "
+                                            "(make demo's test.py)"}
     lines += table_rows(e, names, lambda s: [f"{s['examples_per_second']:.2f}", f"{s['answer_tokens']:.1f}",
                                              f"{s['mfu']:.1%}", f"{s['grammar_share']:.1%}"])
-    lines += ["", f"- test.py speedup (c/a): **{r['test_py_speedup']:.2f}**",
+    lines += ["", f"- test.py speedup (c/a): **{r['test_py_speedup']:.2f}**; as make demo runs it (e/a): "
+                  f"**{r['demo_speedup']:.2f}**",
               f"- (a) and (b) give identical answers: **{r['own_loop_identical']}**; (c) and (d): "
-              f"**{r['allowed_logits_identical']}**",
+              f"**{r['allowed_logits_identical']}**; (c) and (e): **{r['demo_batch_identical']}**",
               f"- first_choice and best_allowed differ on {r['policies_differ_on']} of {r['eval_examples']} answers", ""]
     return lines
 

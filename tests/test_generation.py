@@ -48,6 +48,19 @@ def test_greedy_loop_is_transformers_generate(arch, tiny_model, train16, tmp_pat
     expected = reference(model, tokenizer, prompts, 10)
     assert generate(model, tokenizer, prompts, max_new_tokens=10, batch_size=5, prefix_cache=True) == expected
     assert generate(model, tokenizer, prompts, max_new_tokens=10, batch_size=2, prefix_cache=False) == expected
+    # A prefill of one row at a time (chunks whose caches are joined) computes the same answers,
+    # with and without the shared prefix: five prompt forwards for a batch of five.
+    body = model.model
+    prefills = []
+    hook = body.register_forward_pre_hook(
+        lambda m, a, kw: prefills.append(kw["input_ids"].shape[0]) if kw["input_ids"].shape[1] > 1 else None,
+        with_kwargs=True)
+    for prefix_cache in (True, False):
+        prefills.clear()
+        assert generate(model, tokenizer, prompts, max_new_tokens=10, batch_size=5, prefix_cache=prefix_cache,
+                        prefill_tokens=1) == expected
+        assert prefills[-5:] == [1] * 5  # after the shared prefix's own forward, where it is used
+    hook.remove()
 
 
 def test_finished_rows_leave_the_batch(memorised_trainer, train16, msra_dir):
