@@ -66,6 +66,9 @@ DEFAULTS = {
     "real_eval_batch_size": 32,  # test.py's default batch_size: variants (a) to (d)
     "real_demo_batch_size": 64,  # make demo's test.py batch (GEMMA_EVAL_BATCH): variant (e)
     "real_eos_penalty": 1.5,  # make demo's eos_penalty (GEMMA_EOS_PENALTY), in every variant
+    # test.py as it stood before the real-model work (transformers' generate, every logit), run from
+    # this repository's history beside today's on the same sample; "" skips it.
+    "real_baseline_commit": "2ed8dbe",
 }
 
 
@@ -454,7 +457,61 @@ def run_real_model(cfg, peak):
         / evals["transformers_first_choice"]["examples_per_second"],
         "demo_speedup": evals["own_best_allowed_demo_batch"]["examples_per_second"]
         / evals["transformers_first_choice"]["examples_per_second"],
+        "test_py_then_and_now": run_test_py_then_and_now(cfg, adapter, model_dir),
     }
+
+
+def run_test_py_then_and_now(cfg, adapter, model_dir):
+    """test.py at real_baseline_commit (extracted with git archive) and today's test.py, as
+    subprocesses on one sample file of real_eval_examples seeded test sentences: examples/s (the
+    generation time each test.py measures itself, loading not counted) and F1 from each run's
+    metrics.json. None, with one line, when there is no adapter or git cannot read the commit."""
+    import io
+    import random
+    import shutil
+    import subprocess
+    import tarfile
+
+    from dataset import read_text
+
+    commit = cfg.real_baseline_commit
+    if not commit or not adapter:
+        print("test.py then-and-now skipped: " + ("no real_baseline_commit" if not commit else "no tuned adapter (make demo)"))
+        return None
+    work = Path(cfg.work_dir) / "then-and-now"
+    shutil.rmtree(work, ignore_errors=True)
+    then_tree = work / "then"
+    then_tree.mkdir(parents=True)
+    try:
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", commit], capture_output=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as e:
+        detail = e.stderr.decode(errors="replace").strip() if getattr(e, "stderr", None) else str(e)
+        print(f"test.py then-and-now skipped: git cannot read commit {commit} here ({detail.splitlines()[-1]})")
+        return None
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(then_tree, filter="data")
+    lines = [line for line in read_text(cfg.test_path).split("\n") if line.strip()]
+    keep = sorted(random.Random(cfg.seed).sample(range(len(lines)), min(cfg.real_eval_examples, len(lines))))
+    sample = work / "test.txt"
+    sample.write_text("".join(lines[i] + "\n" for i in keep), encoding="utf-8")
+    runs = {"then": (then_tree, {"batch_size": cfg.real_eval_batch_size}),
+            "then_batch16": (then_tree, {"batch_size": 16}),
+            "now": (ROOT, {"batch_size": cfg.real_eval_batch_size}),
+            "now_demo": (ROOT, {"batch_size": cfg.real_demo_batch_size, "eos_penalty": cfg.real_eos_penalty})}
+    results = {"commit": commit, "examples": len(keep)}
+    for name, (tree, flags) in runs.items():
+        out = work / name
+        argv = [sys.executable, str(tree / "test.py"), f"--lora_model={adapter}", f"--model_dir={model_dir}",
+                f"--test_path={sample}", f"--output_dir={out}", *(f"--{k}={v}" for k, v in flags.items())]
+        done = subprocess.run(argv, cwd=tree, capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"test.py ({name}) failed: {done.stderr.strip().splitlines()[-1:]}")
+        metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+        results[name] = {**flags, "examples_per_second": metrics["examples_per_second"], "f1": metrics["f1"],
+                         "policy": metrics.get("grounding_policy", "first_choice")}
+    results["speedup"] = results["now"]["examples_per_second"] / results["then"]["examples_per_second"]
+    results["demo_speedup"] = results["now_demo"]["examples_per_second"] / results["then"]["examples_per_second"]
+    return results
 
 
 def machine():
@@ -554,6 +611,21 @@ def real_model_markdown(r):
               f"- (a) and (b) give identical answers: **{r['own_loop_identical']}**; (c) and (d): "
               f"**{r['allowed_logits_identical']}**; (c) and (e): **{r['demo_batch_identical']}**",
               f"- first_choice and best_allowed differ on {r['policies_differ_on']} of {r['eval_examples']} answers", ""]
+    h = r.get("test_py_then_and_now")
+    if h:
+        lines += [f"test.py itself, then and now: test.py at commit {h['commit']} (before the real-model work) and "
+                  f"today's, one after the other in this run, each as its own process on the same {h['examples']} "
+                  "seeded sentences with the same adapter; examples/s is the generation time each test.py measures "
+                  "(loading not counted). The answers differ where the defaults differ (policy, eos_penalty), so "
+                  "F1 is shown beside the speed.", "",
+                  "| test.py | batch | policy | eos_penalty | examples/s | F1 |", "|---|---|---|---|---|---|"]
+        lines += table_rows(h,
+                            {"then": f"{h['commit']}, its defaults", "then_batch16": f"{h['commit']}, batch 16",
+                             "now": "today's, its defaults", "now_demo": "today's, as make demo runs it"},
+                            lambda s: [str(s["batch_size"]), s["policy"], str(s.get("eos_penalty", 0.0)),
+                                       f"{s['examples_per_second']:.2f}", f"{s['f1']:.3f}"])
+        lines += ["", f"- test.py now / then, both with their defaults: **{h['speedup']:.2f}**; as make demo "
+                      f"runs it / then: **{h['demo_speedup']:.2f}**", ""]
     return lines
 
 

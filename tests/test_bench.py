@@ -107,3 +107,37 @@ def test_memory_table_counts_what_bitsandbytes_stores(tiny_model, mode):
     linears = memory.quantized_linears(meta_model(str(tiny_model)))
     assert layers == len(linears) == 14  # 7 projections x 2 layers; the output layer stays unquantised
     assert stored == memory.quantized_bytes(linears, mode)
+
+
+def test_test_py_then_and_now_runs_both_scripts_on_one_seeded_sample(tmp_path, tiny_model, memorised_trainer,
+                                                                     train16, capsys):
+    """With HEAD as the baseline the two test.py runs are the same code on the same flags: their
+    answers must agree, on the sentences of the seeded sample drawn here independently."""
+    import json
+    import random
+
+    from dataset import sentence_of
+
+    options = {"real_eval_examples": 8, "real_eval_batch_size": 4, "real_demo_batch_size": 8,
+               "test_path": str(train16), "work_dir": str(tmp_path), "real_baseline_commit": "HEAD"}
+    cfg = bench.parse_config(bench.DEFAULTS, options)
+    adapter = str(memorised_trainer / "adapter_model")
+    result = bench.run_test_py_then_and_now(cfg, adapter, str(tiny_model))
+    lines = train16.read_text(encoding="utf-8").splitlines()
+    expected = [json.loads(lines[i])["query"] for i in sorted(random.Random(0).sample(range(16), 8))]
+
+    def answers(name):
+        rows = [json.loads(line) for line in (tmp_path / "then-and-now" / name / "predictions.jsonl").open()]
+        assert [r["text"] for r in rows] == [sentence_of(q) for q in expected]
+        return [r["output"] for r in rows]
+
+    assert answers("then") == answers("now")
+    answers("then_batch16"), answers("now_demo")
+    assert result["examples"] == 8 and result["then"]["f1"] == result["now"]["f1"]
+    assert result["now_demo"]["batch_size"] == 8 and result["now_demo"]["eos_penalty"] == cfg.real_eos_penalty
+    assert result["speedup"] == result["now"]["examples_per_second"] / result["then"]["examples_per_second"]
+
+    cfg = bench.parse_config(bench.DEFAULTS, {**options, "real_baseline_commit": "0" * 40})
+    assert bench.run_test_py_then_and_now(cfg, adapter, str(tiny_model)) is None
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and out[0].startswith(f"test.py then-and-now skipped: git cannot read commit {'0' * 40}")
