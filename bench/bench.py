@@ -318,6 +318,20 @@ def peak_flops(dtype):
     return 2 * n ** 3 / best, f"measured {n}x{n} {str(dt).replace('torch.', '')} matmul in this run"
 
 
+# bf16 matmuls that are not at least this much faster than fp32 ones are emulated (or nearly):
+# natively (AVX512-BF16, AMX) they measure 4-7x fp32 on 2-core CPUs, emulated well under 1x.
+BF16_GAIN = 1.5
+
+
+def eval_dtype():
+    """'bfloat16' on a CPU whose bf16 matmul is natively fast, else 'auto' (bf16 or fp16 on a GPU,
+    fp32 on other CPUs): the Gemma demo's evaluation dtype. Generation is matmul-bound there, and
+    bf16 answers score as fp32 ones do (README, "Speed on a real model")."""
+    if torch.cuda.is_available():
+        return "auto"
+    return "bfloat16" if peak_flops("bfloat16")[0] >= BF16_GAIN * peak_flops("float32")[0] else "auto"
+
+
 def model_shape(model_dir):
     """(matmul weights N, layers L, hidden d), from the config on the meta device (no weights)."""
     model = meta_model(model_dir)
@@ -421,7 +435,10 @@ def run_real_model(cfg, peak):
                 "own_first_choice": dict(policy="first_choice"),
                 "own_best_allowed": dict(policy="best_allowed"),
                 "transformers_best_allowed": dict(own_loop=False, policy="best_allowed"),
-                "own_best_allowed_demo_batch": dict(policy="best_allowed", batch_size=cfg.real_demo_batch_size)}
+                "own_best_allowed_demo_batch": dict(policy="best_allowed", batch_size=cfg.real_demo_batch_size),
+                "merged": dict(policy="best_allowed", batch_size=cfg.real_demo_batch_size),
+                "merged_bf16": dict(policy="best_allowed", batch_size=cfg.real_demo_batch_size)}
+    bf16_peak = peak_flops("bfloat16")[0] if not torch.cuda.is_available() else peak
     ner_generate(model, tokenizer, train_args, records[:2], max_new_tokens=4, grounded=True)  # warm-up, token table
     from dataset import PromptEncoder
     from generation import shared_prefix_length
@@ -432,6 +449,14 @@ def run_real_model(cfg, peak):
     avg_context = sum(map(len, prompt_ids)) / len(records)
     evals, outputs = {}, {}
     for name, options in variants.items():
+        # The last two change the model in place: the adapter folded into the weights (what
+        # test.py loads, merge_lora), then those weights in bf16 (make demo where bf16 is native).
+        if name == "merged" and hasattr(model, "merge_and_unload"):
+            model = model.merge_and_unload()
+        if name == "merged_bf16":
+            model = model.to(torch.bfloat16)
+            ner_generate(model, tokenizer, train_args, records[:2], max_new_tokens=4, grounded=True)
+        run_peak = bf16_peak if name == "merged_bf16" else peak
         with Stopwatch(AnswerStates, ("choose", "advance")) as grammar:
             start = time.perf_counter()
             options = {"batch_size": cfg.real_eval_batch_size, **options}
@@ -441,9 +466,10 @@ def run_real_model(cfg, peak):
         answer = sum(len(tokenizer.encode(o, add_special_tokens=False)) + 1 for o in outputs[name])  # + EOS
         body_flops = (own_prompt + answer) * (2 * n_body + 4 * layers * hidden * avg_context)
         evals[name] = {"seconds": elapsed, "batch_size": options["batch_size"], "examples_per_second": len(records) / elapsed,
-                       "answer_tokens": answer / len(records), "mfu": body_flops / elapsed / peak,
+                       "answer_tokens": answer / len(records), "mfu": body_flops / elapsed / run_peak,
                        "grammar_share": grammar.seconds / elapsed}
-    differ = sum(a != b for a, b in zip(outputs["own_first_choice"], outputs["own_best_allowed"]))
+    def differ_on(a, b):
+        return sum(x != y for x, y in zip(outputs[a], outputs[b]))
     return {
         "model": model_dir, "adapter": adapter or "untrained LoRA r=8 (all-linear)",
         "train_steps": steps, "train_batch_size": cfg.real_train_batch_size, "train": train,
@@ -452,10 +478,13 @@ def run_real_model(cfg, peak):
         "allowed_logits_identical": outputs["transformers_best_allowed"] == outputs["own_best_allowed"],
         "demo_batch_identical": outputs["own_best_allowed_demo_batch"] == outputs["own_best_allowed"],
         "eos_penalty": cfg.real_eos_penalty,
-        "policies_differ_on": differ,
-        "test_py_speedup": evals["own_best_allowed"]["examples_per_second"]
+        "policies_differ_on": differ_on("own_first_choice", "own_best_allowed"),
+        "merged_differ_on": differ_on("own_best_allowed_demo_batch", "merged"),
+        "bf16_differ_on": differ_on("merged", "merged_bf16"), "bf16_peak_flops": bf16_peak,
+        "bf16_speedup": evals["merged_bf16"]["examples_per_second"] / evals["merged"]["examples_per_second"],
+        "own_loop_speedup": evals["own_best_allowed"]["examples_per_second"]
         / evals["transformers_first_choice"]["examples_per_second"],
-        "demo_speedup": evals["own_best_allowed_demo_batch"]["examples_per_second"]
+        "demo_speedup": evals["merged_bf16"]["examples_per_second"]
         / evals["transformers_first_choice"]["examples_per_second"],
         "test_py_then_and_now": run_test_py_then_and_now(cfg, adapter, model_dir),
     }
@@ -497,7 +526,8 @@ def run_test_py_then_and_now(cfg, adapter, model_dir):
     runs = {"then": (then_tree, {"batch_size": cfg.real_eval_batch_size}),
             "then_batch16": (then_tree, {"batch_size": 16}),
             "now": (ROOT, {"batch_size": cfg.real_eval_batch_size}),
-            "now_demo": (ROOT, {"batch_size": cfg.real_demo_batch_size, "eos_penalty": cfg.real_eos_penalty})}
+            "now_demo": (ROOT, {"batch_size": cfg.real_demo_batch_size, "eos_penalty": cfg.real_eos_penalty,
+                                "dtype": eval_dtype()})}
     results = {"commit": commit, "examples": len(keep)}
     for name, (tree, flags) in runs.items():
         out = work / name
@@ -598,19 +628,24 @@ def real_model_markdown(r):
                   "tokens. The own loop reads a batch's prompts in row chunks of at most "
                   f"{PREFILL_TOKENS} tokens (generation.PREFILL_TOKENS).", "",
               "| variant | examples/s | answer tokens | MFU | grammar share of the time |", "|---|---|---|---|---|"]
-    names = {"transformers_first_choice": "(a) transformers' generate, first_choice (test.py before)",
+    names = {"transformers_first_choice": "(a) transformers' generate, first_choice (every logit, as test.py before)",
              "own_first_choice": "(b) own loop, first_choice (finished rows leave the batch)",
-             "own_best_allowed": "(c) own loop, best_allowed: only the allowed tokens' logits (test.py now)",
+             "own_best_allowed": "(c) own loop, best_allowed: only the allowed tokens' logits (test.py's loop)",
              "transformers_best_allowed": "(d) transformers' generate, best_allowed (every logit)",
              "own_best_allowed_demo_batch": f"(e) as (c), batch {e['own_best_allowed_demo_batch']['batch_size']} "
-                                            "(make demo's test.py)"}
+                                            "(make demo's batch)",
+             "merged": "(f) as (e), the adapter folded into the weights (test.py's merge_lora)",
+             "merged_bf16": f"(g) as (f), bf16 weights (make demo where bf16 is native; MFU against the bf16 "
+                            f"peak, {r['bf16_peak_flops'] / 1e9:.0f} GFLOP/s)"}
     lines += table_rows(e, names, lambda s: [f"{s['examples_per_second']:.2f}", f"{s['answer_tokens']:.1f}",
                                              f"{s['mfu']:.1%}", f"{s['grammar_share']:.1%}"])
-    lines += ["", f"- test.py speedup (c/a): **{r['test_py_speedup']:.2f}**; as make demo runs it (e/a): "
-                  f"**{r['demo_speedup']:.2f}**",
+    lines += ["", f"- own loop, allowed logits only, over transformers' generate (c/a): **{r['own_loop_speedup']:.2f}**; "
+                  f"make demo's path over (a) (g/a): **{r['demo_speedup']:.2f}**",
               f"- (a) and (b) give identical answers: **{r['own_loop_identical']}**; (c) and (d): "
               f"**{r['allowed_logits_identical']}**; (c) and (e): **{r['demo_batch_identical']}**",
-              f"- first_choice and best_allowed differ on {r['policies_differ_on']} of {r['eval_examples']} answers", ""]
+              f"- first_choice and best_allowed differ on {r['policies_differ_on']} of {r['eval_examples']} answers; "
+              f"(e) and (f) on {r['merged_differ_on']}; (f) and (g) on {r['bf16_differ_on']}",
+              f"- bf16 over fp32 (g/f): **{r['bf16_speedup']:.2f}**", ""]
     h = r.get("test_py_then_and_now")
     if h:
         lines += [f"test.py itself, then and now: test.py at commit {h['commit']} (before the real-model work) and "
@@ -618,12 +653,12 @@ def real_model_markdown(r):
                   "seeded sentences with the same adapter; examples/s is the generation time each test.py measures "
                   "(loading not counted). The answers differ where the defaults differ (policy, eos_penalty), so "
                   "F1 is shown beside the speed.", "",
-                  "| test.py | batch | policy | eos_penalty | examples/s | F1 |", "|---|---|---|---|---|---|"]
+                  "| test.py | batch | policy | eos_penalty | dtype | examples/s | F1 |", "|---|---|---|---|---|---|---|"]
         lines += table_rows(h,
                             {"then": f"{h['commit']}, its defaults", "then_batch16": f"{h['commit']}, batch 16",
                              "now": "today's, its defaults", "now_demo": "today's, as make demo runs it"},
                             lambda s: [str(s["batch_size"]), s["policy"], str(s.get("eos_penalty", 0.0)),
-                                       f"{s['examples_per_second']:.2f}", f"{s['f1']:.3f}"])
+                                       s.get("dtype", "auto"), f"{s['examples_per_second']:.2f}", f"{s['f1']:.3f}"])
         lines += ["", f"- test.py now / then, both with their defaults: **{h['speedup']:.2f}**; as make demo "
                       f"runs it / then: **{h['demo_speedup']:.2f}**", ""]
     return lines

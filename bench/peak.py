@@ -8,23 +8,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from bench import peak_flops  # noqa: E402
-
-# bf16 matmuls that are not at least this much faster than fp32 ones are emulated (or nearly):
-# natively (AVX512-BF16, AMX) they measure 4-7x here, emulated well under 1x.
-BF16_GAIN = 1.5
-
-
-def eval_dtype():
-    """'bfloat16' on a CPU whose bf16 matmul is natively fast, else 'auto' (bf16 or fp16 on a GPU,
-    fp32 on other CPUs): generation is matmul-bound, and bf16 answers score as fp32 ones
-    (README, "Speed on a real model")."""
-    if torch.cuda.is_available():
-        return "auto"
-    fp32, _ = peak_flops("float32")
-    bf16, _ = peak_flops("bfloat16")
-    return "bfloat16" if bf16 >= BF16_GAIN * fp32 else "auto"
-
+from bench import BF16_GAIN, eval_dtype, peak_flops  # noqa: E402
 
 def main(argv):
     if argv == ["--eval-dtype"]:
