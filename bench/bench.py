@@ -66,6 +66,7 @@ DEFAULTS = {
     "real_eval_batch_size": 32,  # test.py's default batch_size: variants (a) to (d)
     "real_demo_batch_size": 64,  # make demo's test.py batch (GEMMA_EVAL_BATCH): variant (e)
     "real_eos_penalty": 1.5,  # make demo's eos_penalty (GEMMA_EOS_PENALTY), in every variant
+    "real_demo_policy": "first_choice",  # make demo's grounding_policy (GEMMA_POLICY): test.py then-and-now
     # test.py as it stood before the real-model work (transformers' generate, every logit), run from
     # this repository's history beside today's on the same sample; "" skips it.
     "real_baseline_commit": "2ed8dbe",
@@ -242,7 +243,7 @@ def run_bare(tcfg, batches):
     elapsed = time.perf_counter() - start
     real = sum(int(b["attention_mask"].sum()) for b in batches)
     total = sum(b["attention_mask"].numel() for b in batches)
-    window = losses[-max(len(losses) // 4, 1):]
+    window = losses[-tcfg.log_steps:]  # what the Trainer's last logged loss averages
     timed = batches[warmup:]
     return {"seconds": elapsed, "examples_per_second": _rate(tcfg, elapsed, warmup),
             "tokens_per_second": sum(int(b["attention_mask"].sum()) for b in timed) / elapsed,
@@ -527,7 +528,7 @@ def run_test_py_then_and_now(cfg, adapter, model_dir):
             "then_batch16": (then_tree, {"batch_size": 16}),
             "now": (ROOT, {"batch_size": cfg.real_eval_batch_size}),
             "now_demo": (ROOT, {"batch_size": cfg.real_demo_batch_size, "eos_penalty": cfg.real_eos_penalty,
-                                "dtype": eval_dtype()})}
+                                "dtype": eval_dtype(), "grounding_policy": cfg.real_demo_policy})}
     results = {"commit": commit, "examples": len(keep)}
     for name, (tree, flags) in runs.items():
         out = work / name
