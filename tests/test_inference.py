@@ -276,3 +276,28 @@ def test_test_py_scores_a_seeded_sample(train16, tiny_model, tmp_path):
     # Five distinct sentences of the file, in file order; the same seed draws the same ones.
     assert len(set(runs["a"])) == 5 and runs["a"] == [t for t in texts if t in runs["a"]]
     assert runs["a"] == runs["b"] != runs["c"]
+
+
+def test_merged_adapter_is_the_same_model_and_test_py_answers_alike(adapter, loaded, mixed_records, train16, tmp_path):
+    """merge_lora folds the adapter into the base weights: no LoRA layer is left, the logits are
+    PEFT's own (unmerged) ones to fp32 rounding, and test.py answers the same either way."""
+    import torch
+
+    from model_utils import load_for_inference
+
+    peft_model, tokenizer, _ = loaded
+    merged, _, _ = load_for_inference(str(adapter), device="cpu", merge_lora=True)
+    assert any("lora_" in name for name, _ in peft_model.named_parameters())
+    assert not any("lora_" in name for name, _ in merged.named_parameters())
+    ids = tokenizer([r["query"] for r in mixed_records[:4]], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**ids).logits, peft_model(**ids).logits, atol=1e-4, rtol=1e-4)
+
+    test = load_script("test")
+    answers = {}
+    for merge in (True, False):
+        out = tmp_path / f"merge-{merge}"
+        test.main([f"--lora_model={adapter}", f"--test_path={train16}", "--batch_size=8", "--max_new_tokens=48",
+                   f"--merge_lora={merge}", f"--output_dir={out}"])
+        answers[merge] = [json.loads(line)["output"] for line in (out / "predictions.jsonl").open(encoding="utf-8")]
+    assert answers[True] == answers[False] and len(set(answers[True])) > 3
