@@ -107,7 +107,7 @@ $(GEMMA_DIR)/config.json: $(GEMMA_STAMP)
 #   lr         1e-3, cosine: 100 steps of 8 at 1e-3 reached F1 0.53; 2e-4 is for thousands of steps
 #   data       half the entity-free sentences, as the from-scratch demo
 #   lora       the defaults (r=8, all linear layers), dropout 0 so steps repeat exactly; no dev loss (time)
-#   test       a seeded 1,000 with a bootstrap interval: all 4,631 take ~12 minutes at 167 GFLOP/s (demo-full-test: F1 0.614)
+#   test       a seeded 1,000 with a bootstrap interval: all 4,631 take ~5 minutes at 201 GFLOP/s (demo-full-test: F1 0.623)
 #   eos        --eos_penalty=1.5: best of 0, 1, 1.5, 2, 3 on 300 seeded dev sentences (F1 0.52 -> 0.62)
 #   policy     first_choice: F1 0.584 against 0.574 for best_allowed on the 1,000 (paired 95% interval of the
 #              difference 0.005-0.014), 17.3 against 19.0 sentences/s in bf16
