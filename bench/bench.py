@@ -324,13 +324,16 @@ def peak_flops(dtype):
 BF16_GAIN = 1.5
 
 
-def eval_dtype():
+def eval_dtype(fp32_peak=None, bf16_peak=None):
     """'bfloat16' on a CPU whose bf16 matmul is natively fast, else 'auto' (bf16 or fp16 on a GPU,
     fp32 on other CPUs): the Gemma demo's evaluation dtype. Generation is matmul-bound there, and
-    bf16 answers score as fp32 ones do (README, "Speed on a real model")."""
+    bf16 answers score as fp32 ones do (README, "Speed on a real model"). Peaks already measured
+    in this process are passed in; the others are measured here."""
     if torch.cuda.is_available():
         return "auto"
-    return "bfloat16" if peak_flops("bfloat16")[0] >= BF16_GAIN * peak_flops("float32")[0] else "auto"
+    fp32_peak = fp32_peak or peak_flops("float32")[0]
+    bf16_peak = bf16_peak or peak_flops("bfloat16")[0]
+    return "bfloat16" if bf16_peak >= BF16_GAIN * fp32_peak else "auto"
 
 
 def model_shape(model_dir):
@@ -413,7 +416,7 @@ def run_real_model(cfg, peak):
     train = {}
     train["ours"], counting = run_trainer(tcfg)
     train["bare"] = run_bare(tcfg, counting.batches[:steps])
-    timed = counting.batches[WARMUP_STEPS:steps]
+    timed = counting.batches[_warmup(steps):steps]  # the steps run_trainer timed
     tokens = sum(run_tokens(b, True) for b in timed)
     trained = sum(int((b["labels"][:, 1:] != -100).sum()) for b in timed)  # positions whose logits the loss needs
     context = sum(int(b["attention_mask"].sum()) for b in timed) / sum(len(b["input_ids"]) for b in timed)
@@ -487,15 +490,16 @@ def run_real_model(cfg, peak):
         / evals["transformers_first_choice"]["examples_per_second"],
         "demo_speedup": evals["merged_bf16"]["examples_per_second"]
         / evals["transformers_first_choice"]["examples_per_second"],
-        "test_py_then_and_now": run_test_py_then_and_now(cfg, adapter, model_dir),
+        "test_py_then_and_now": run_test_py_then_and_now(cfg, adapter, model_dir, eval_dtype(peak, bf16_peak)),
     }
 
 
-def run_test_py_then_and_now(cfg, adapter, model_dir):
+def run_test_py_then_and_now(cfg, adapter, model_dir, dtype="auto"):
     """test.py at real_baseline_commit (extracted with git archive) and today's test.py, as
     subprocesses on one sample file of real_eval_examples seeded test sentences: examples/s (the
     generation time each test.py measures itself, loading not counted) and F1 from each run's
-    metrics.json. None, with one line, when there is no adapter or git cannot read the commit."""
+    metrics.json; the demo's run evaluates in `dtype`. None, with one line, when there is no
+    adapter or git cannot read the commit."""
     import io
     import random
     import shutil
@@ -528,7 +532,7 @@ def run_test_py_then_and_now(cfg, adapter, model_dir):
             "then_batch16": (then_tree, {"batch_size": 16}),
             "now": (ROOT, {"batch_size": cfg.real_eval_batch_size}),
             "now_demo": (ROOT, {"batch_size": cfg.real_demo_batch_size, "eos_penalty": cfg.real_eos_penalty,
-                                "dtype": eval_dtype(), "grounding_policy": cfg.real_demo_policy})}
+                                "dtype": dtype, "grounding_policy": cfg.real_demo_policy})}
     results = {"commit": commit, "examples": len(keep)}
     for name, (tree, flags) in runs.items():
         out = work / name

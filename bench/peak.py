@@ -8,7 +8,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from bench import BF16_GAIN, eval_dtype, peak_flops  # noqa: E402
+from bench import eval_dtype, peak_flops  # noqa: E402
 
 def main(argv):
     if argv == ["--eval-dtype"]:
@@ -23,7 +23,7 @@ def main(argv):
     if not torch.cuda.is_available():
         bf16, _ = peak_flops("bfloat16")
         print(f"bf16 matmul: {bf16 / 1e9:.0f} GFLOP/s: test.py and predict.py run in "
-              + ("bfloat16" if bf16 >= BF16_GAIN * flops else "fp32 (bf16 is not natively fast here)"))
+              + ("bfloat16" if eval_dtype(flops, bf16) == "bfloat16" else "fp32 (bf16 is not natively fast here)"))
 
 
 if __name__ == "__main__":
