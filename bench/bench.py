@@ -538,7 +538,7 @@ def run_test_py_then_and_now(cfg, adapter, model_dir, dtype="auto"):
         out = work / name
         argv = [sys.executable, str(tree / "test.py"), f"--lora_model={adapter}", f"--model_dir={model_dir}",
                 f"--test_path={sample}", f"--output_dir={out}", *(f"--{k}={v}" for k, v in flags.items())]
-        done = subprocess.run(argv, cwd=tree, capture_output=True, text=True)
+        done = subprocess.run(argv, cwd=tree, capture_output=True, text=True, timeout=1800)  # 256 sentences: ~1 min
         if done.returncode:
             raise RuntimeError(f"test.py ({name}) failed: {done.stderr.strip().splitlines()[-1:]}")
         metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
