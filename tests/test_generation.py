@@ -127,3 +127,54 @@ def test_grounded_greedy_is_the_processor_in_transformers_generate(policy, model
     assert outputs == expected
     assert sum(o != "没有" for o in outputs) > 3  # entities were named, not only 没有
     assert (len(calls) == 0) == (policy == "best_allowed" and model_kind == "random")
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_decode_steps_write_the_cache_in_place(arch, tiny_model, train16, tmp_path):
+    """Each decode step writes its token's keys and values into room reserved after the prompt,
+    where transformers' dynamic cache copies the whole cache to append one token: while no row
+    leaves the batch, the keys of every step live in the same storage (a sliding-window layer
+    too, when the window holds the prompt and answer: Gemma 3 with a 512-token window)."""
+    from generation import generate
+    from model_utils import load_model_and_tokenizer
+
+    build(arch, tiny_model, tmp_path / arch, **({"sliding_window": 512} if arch == "gemma3" else {}))
+    model, tokenizer = load_model_and_tokenizer(str(tmp_path / arch), dtype="float32", device="cpu")
+    prompts = prompts_of(tokenizer, load_data(train16)[:4], 12)
+    steps = []  # per decode step: its rows and, per layer, where the cache's keys are stored
+
+    def record(module, args, kwargs):
+        if kwargs["input_ids"].shape[1] == 1:
+            cache = kwargs["cache"]
+            steps.append((kwargs["input_ids"].shape[0],
+                          [layer.keys.untyped_storage().data_ptr() for layer in cache.layers]))
+    hook = model.model.register_forward_pre_hook(record, with_kwargs=True)
+    outputs = generate(model, tokenizer, prompts, max_new_tokens=12, batch_size=4)
+    hook.remove()
+    assert outputs == reference(model, tokenizer, prompts, 12)
+    same_rows = [(a, b) for a, b in zip(steps, steps[1:]) if a[0] == b[0]]
+    assert len(same_rows) >= 3
+    assert all(a[1] == b[1] for a, b in same_rows)
+
+
+def test_packed_linears_compute_the_layers_and_leave_nothing_behind(tiny_model):
+    """Inside packed_linears every plain linear layer runs on its packed weight (the model's
+    logits are the plain ones to float rounding); outside, the layers are the plain modules
+    again and a changed weight is used as it is, not a stale packed copy."""
+    from generation import packed_linears
+    from model_utils import load_model_and_tokenizer
+
+    model, _ = load_model_and_tokenizer(tiny_model, dtype="float32", device="cpu")
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
+    ids = torch.tensor([[1, 5, 9, 200, 31, 7]])
+    with torch.inference_mode():
+        plain = model(input_ids=ids).logits
+        with packed_linears(model) as packed:
+            assert packed == len(linears) > 0
+            assert all("forward" in vars(m) for m in linears)
+            inside = model(input_ids=ids).logits
+        torch.testing.assert_close(inside, plain, rtol=1e-4, atol=1e-4)
+        assert not any("forward" in vars(m) for m in linears)
+        head = model.get_output_embeddings()
+        head.weight.mul_(2)
+        torch.testing.assert_close(model(input_ids=ids).logits, plain * 2, rtol=1e-4, atol=1e-4)
