@@ -5,7 +5,6 @@ answers (grounding.py); `generate` runs token-id prompts through the model in le
 left-padded batches that share the prompts' common prefix through one KV cache.
 """
 import contextlib
-import functools
 
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
@@ -181,8 +180,18 @@ def _reserved_cache(cache, room):
     return cache
 
 
-def _packed_forward(packed, bias, x):
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+class _PackedLinear:
+    """A linear layer's forward on its weight in oneDNN's blocked layout, reordered at the first
+    call: a layer the loop never runs (the output layer under best_allowed, 262,144 x 640 in
+    Gemma 3) costs neither the reorder nor the memory."""
+
+    def __init__(self, module):
+        self.module, self.packed = module, None
+
+    def __call__(self, x):
+        if self.packed is None:
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(self.module.weight.detach())
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.module.bias, "none", [], "")
 
 
 @contextlib.contextmanager
@@ -191,24 +200,23 @@ def packed_linears(model):
     where oneDNN computes it natively) multiplies with its weight reordered once into oneDNN's
     blocked layout (what torch.compile's CPU freezing does). A decode step is a small-batch
     matmul whose weights stream from memory; in the plain row-major layout MKL reaches about
-    half the machine's peak there, in the blocked one nearly all of it (bench: a 2048 x 640
-    weight at 32 rows, 104 -> 180 GFLOP/s fp32 on 2 cores). The packed copies exist only while
-    the block runs, so training and later weight changes never see stale ones. Yields how many
-    layers were packed (0 on a GPU, a quantised layer, or a torch without oneDNN)."""
-    mkldnn = getattr(torch.ops, "mkldnn", None)
-    dtypes = {torch.float32}
-    if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        dtypes.add(torch.bfloat16)
+    half the machine's peak there, in the blocked one nearly all of it (a 2048 x 640 weight at
+    32 rows: 104 -> 180 GFLOP/s fp32 on 2 cores). The packed copies exist only while the block
+    runs, so training and later weight changes never see stale ones. Yields how many layers
+    multiply packed (0 on a GPU, for quantised layers, or with a torch without oneDNN)."""
+    mkldnn = torch.ops.mkldnn
+    usable = torch.backends.mkldnn.is_available() and all(
+        hasattr(mkldnn, op) for op in ("_reorder_linear_weight", "_linear_pointwise", "_is_mkldnn_bf16_supported"))
+    dtypes = {torch.float32, torch.bfloat16} if usable and mkldnn._is_mkldnn_bf16_supported() else {torch.float32}
     patched = []
-    if torch.backends.mkldnn.is_available() and hasattr(mkldnn, "_reorder_linear_weight"):
+    if usable:
         for module in model.modules():
             weight = getattr(module, "weight", None)
             # An instance-level forward (accelerate's offload hooks, another wrapper) is left alone.
             if type(module) is not torch.nn.Linear or "forward" in vars(module) or hasattr(module, "_hf_hook") \
                     or weight.device.type != "cpu" or weight.dtype not in dtypes:
                 continue
-            packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
-            module.forward = functools.partial(_packed_forward, packed, module.bias)
+            module.forward = _PackedLinear(module)
             patched.append(module)
     try:
         yield len(patched)

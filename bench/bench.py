@@ -253,6 +253,7 @@ def run_bare(tcfg, batches):
 def run_eval(model_dir, records, cfg):
     from dataset import PromptEncoder
     from model_utils import load_model_and_tokenizer
+    import generation
     from generation import ner_generate, shared_prefix_length
 
     model, tokenizer = load_model_and_tokenizer(model_dir, dtype=cfg.dtype)
@@ -260,7 +261,8 @@ def run_eval(model_dir, records, cfg):
     variants = {"single": dict(batch_size=1, prefix_cache=False),
                 "batched": dict(batch_size=cfg.eval_batch_size, prefix_cache=False),
                 "prefix_cache": dict(batch_size=cfg.eval_batch_size, prefix_cache=True),
-                "grounded": dict(batch_size=cfg.eval_batch_size, prefix_cache=True, grounded=True)}
+                "grounded": dict(batch_size=cfg.eval_batch_size, prefix_cache=True, grounded=True),
+                "unpacked": dict(batch_size=cfg.eval_batch_size, prefix_cache=True, packed_weights=False)}
     ner_generate(model, tokenizer, args, records[:4], max_new_tokens=2)  # warm-up
     ner_generate(model, tokenizer, args, records[:4], max_new_tokens=2, grounded=True)  # and the token table
     # Useful work per example: every prompt token and every answer token (re-encoded from the
@@ -272,9 +274,11 @@ def run_eval(model_dir, records, cfg):
     shape = model_shape(model_dir)
     results, outputs = {}, {}
     for name, options in variants.items():
-        start = time.perf_counter()
-        outputs[name], _ = ner_generate(model, tokenizer, args, records, max_new_tokens=cfg.max_new_tokens, **options)
-        elapsed = time.perf_counter() - start
+        with Stopwatch(generation, ("_prefill",)) as prompts_pass:  # the prompts through the body (own loop)
+            start = time.perf_counter()
+            outputs[name], _ = ner_generate(model, tokenizer, args, records, max_new_tokens=cfg.max_new_tokens,
+                                            **options)
+            elapsed = time.perf_counter() - start
         # Answer length in tokens (re-encoded): a random model's grounded answers end earlier,
         # which the examples/s ratio alone would hide.
         tokens = sum(len(tokenizer.encode(o, add_special_tokens=False)) for o in outputs[name])
@@ -283,9 +287,10 @@ def run_eval(model_dir, records, cfg):
         prompts = sum(prompt_tokens) - (len(records) - 1) * shared if options["prefix_cache"] else sum(prompt_tokens)
         flops = (prompts + tokens) * flops_per_token(shape, context, training=False)
         results[name] = {"seconds": elapsed, "examples_per_second": len(records) / elapsed,
+                         "prompt_seconds": prompts_pass.seconds,
                          "answer_tokens": tokens / len(records), "tokens_per_second": tokens / elapsed,
                          "model_flops_per_second": flops / elapsed}
-    identical = outputs["single"] == outputs["batched"] == outputs["prefix_cache"]
+    identical = outputs["single"] == outputs["batched"] == outputs["prefix_cache"] == outputs["unpacked"]
     return results, identical
 
 
@@ -438,6 +443,7 @@ def run_real_model(cfg, peak):
     variants = {"transformers_first_choice": dict(own_loop=False, policy="first_choice"),
                 "own_first_choice": dict(policy="first_choice"),
                 "own_best_allowed": dict(policy="best_allowed"),
+                "own_best_allowed_unpacked": dict(policy="best_allowed", packed_weights=False),
                 "transformers_best_allowed": dict(own_loop=False, policy="best_allowed"),
                 "own_best_allowed_demo_batch": dict(policy="best_allowed", batch_size=cfg.real_demo_batch_size),
                 "merged": dict(policy="best_allowed", batch_size=cfg.real_demo_batch_size),
@@ -481,6 +487,9 @@ def run_real_model(cfg, peak):
         "own_loop_identical": outputs["transformers_first_choice"] == outputs["own_first_choice"],
         "allowed_logits_identical": outputs["transformers_best_allowed"] == outputs["own_best_allowed"],
         "demo_batch_identical": outputs["own_best_allowed_demo_batch"] == outputs["own_best_allowed"],
+        "packed_differ_on": differ_on("own_best_allowed", "own_best_allowed_unpacked"),
+        "packed_speedup": evals["own_best_allowed"]["examples_per_second"]
+        / evals["own_best_allowed_unpacked"]["examples_per_second"],
         "eos_penalty": cfg.real_eos_penalty,
         "policies_differ_on": differ_on("own_first_choice", "own_best_allowed"),
         "merged_differ_on": differ_on("own_best_allowed_demo_batch", "merged"),
@@ -588,16 +597,22 @@ def write_markdown(path, results, command):
               f"the shared prompt prefix runs once per batch instead of once per example)", "",
               "## Evaluation", "",
               f"{results['eval_examples']} MSRA test sentences, {results['max_new_tokens']} new tokens each (greedy).", "",
-              "| variant | examples/s | answer tokens | MFU |", "|---|---|---|---|"]
+              "| variant | examples/s | answer tokens | MFU | prompts' pass (s) | the rest: decoding (s) |",
+              "|---|---|---|---|---|---|"]
     enames = {"single": "(a) one example at a time", "batched": "(b) batched generation",
               "prefix_cache": "(c) batched + shared-prefix KV cache",
-              "grounded": "(d) (c) with grounded decoding"}
+              "grounded": "(d) (c) with grounded decoding",
+              "unpacked": "(e) (c) without packed weights (plain row-major matmuls)"}
     lines += table_rows(e, enames, lambda r: [
         f"{r['examples_per_second']:.2f}", f"{r['answer_tokens']:.1f}" if "answer_tokens" in r else "-",
-        f"{r.get('mfu', float('nan')):.1%}"])
+        f"{r.get('mfu', float('nan')):.1%}", f"{r.get('prompt_seconds', float('nan')):.2f}",
+        f"{r['seconds'] - r.get('prompt_seconds', float('nan')):.2f}" if "seconds" in r else "-"])
     lines += ["", f"- eval_speedup_vs_single (b/a): **{results['eval_speedup_vs_single']:.2f}**",
               f"- eval_speedup_prefix_cache (c/b): **{results['eval_speedup_prefix_cache']:.2f}**",
-              f"- outputs identical across (a), (b), (c): **{results['eval_outputs_identical']}**",
+              f"- the prompts' pass alone, (b)/(c) in seconds: **{results['eval_prompt_speedup_prefix_cache']:.2f}** "
+              f"(the part the prefix cache shortens; both decode the same {results['max_new_tokens']} tokens a row)",
+              f"- packed weights (c/e): **{results['eval_speedup_packed']:.2f}**",
+              f"- outputs identical across (a), (b), (c), (e): **{results['eval_outputs_identical']}**",
               f"- eval_grounded_vs_plain (d/c): **{results['eval_grounded_vs_plain']:.2f}** (examples/s; "
               f"the random model's grounded answers are shorter, see the answer tokens column)", "",
               "## Model FLOPs utilisation", "",
@@ -636,6 +651,7 @@ def real_model_markdown(r):
     names = {"transformers_first_choice": "(a) transformers' generate, first_choice (every logit, as test.py before)",
              "own_first_choice": "(b) own loop, first_choice (finished rows leave the batch)",
              "own_best_allowed": "(c) own loop, best_allowed: only the allowed tokens' logits (test.py's loop)",
+             "own_best_allowed_unpacked": "(c') as (c), plain row-major weights (packed_weights=False)",
              "transformers_best_allowed": "(d) transformers' generate, best_allowed (every logit)",
              "own_best_allowed_demo_batch": f"(e) as (c), batch {e['own_best_allowed_demo_batch']['batch_size']} "
                                             "(make demo's batch)",
@@ -650,6 +666,7 @@ def real_model_markdown(r):
               f"**{r['allowed_logits_identical']}**; (c) and (e): **{r['demo_batch_identical']}**",
               f"- first_choice and best_allowed differ on {r['policies_differ_on']} of {r['eval_examples']} answers; "
               f"(e) and (f) on {r['merged_differ_on']}; (f) and (g) on {r['bf16_differ_on']}",
+              f"- packed weights (c/c'): **{r['packed_speedup']:.2f}**; (c) and (c') differ on {r['packed_differ_on']} answers",
               f"- bf16 over fp32 (g/f): **{r['bf16_speedup']:.2f}**", ""]
     h = r.get("test_py_then_and_now")
     if h:
@@ -710,7 +727,7 @@ def main(argv=None):
     records = load_data(cfg.test_path)[:cfg.eval_examples]
     if cfg.skip_eval:
         evals, identical = {k: {"examples_per_second": float("nan")}
-                            for k in ("single", "batched", "prefix_cache", "grounded")}, None
+                            for k in ("single", "batched", "prefix_cache", "grounded", "unpacked")}, None
     else:
         evals, identical = run_eval(model_dir, records, cfg)
         for stats in evals.values():
@@ -729,6 +746,11 @@ def main(argv=None):
         "train_speedup_prefix": train["ours"]["examples_per_second"] / train["no_prefix"]["examples_per_second"],
         "eval_speedup_vs_single": evals["batched"]["examples_per_second"] / evals["single"]["examples_per_second"],
         "eval_speedup_prefix_cache": evals["prefix_cache"]["examples_per_second"] / evals["batched"]["examples_per_second"],
+        # The same two variants' time in the prompts' pass alone (the part the prefix cache shortens;
+        # decoding costs both the same).
+        "eval_prompt_speedup_prefix_cache": evals["batched"].get("prompt_seconds", float("nan"))
+        / evals["prefix_cache"].get("prompt_seconds", float("nan")),
+        "eval_speedup_packed": evals["prefix_cache"]["examples_per_second"] / evals["unpacked"]["examples_per_second"],
         "eval_outputs_identical": identical,
         "eval_grounded_vs_plain": evals["grounded"]["examples_per_second"] / evals["prefix_cache"]["examples_per_second"],
         "peak_flops": peak, "peak_source": peak_source,
