@@ -5,9 +5,13 @@ answers (grounding.py); `generate` runs token-id prompts through the model in le
 left-padded batches that share the prompts' common prefix through one KV cache.
 """
 import contextlib
+import contextvars
+import copy
 
 import torch
+from transformers import AttentionInterface
 from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from config_utils import ConfigError
 from dataset import PromptEncoder, TooLongError, sentence_of
@@ -121,11 +125,11 @@ class _ReservedKV:
     of the filled part, so attention reads exactly the tensors the dynamic layer would hold.
     """
 
-    def reserve(self, room):
+    def reserve(self, room, zeroed=False):
         filled = self.keys.shape[-2]
         self._buffers = []
         for held in (self.keys, self.values):
-            buffer = held.new_empty((*held.shape[:-2], filled + room, held.shape[-1]))
+            buffer = (held.new_zeros if zeroed else held.new_empty)((*held.shape[:-2], filled + room, held.shape[-1]))
             buffer[..., :filled, :] = held
             self._buffers.append(buffer)
         self._show(filled)
@@ -150,6 +154,16 @@ class _ReservedKV:
         self._buffers = [buffer[indices] for buffer in self._buffers]
         self._show(filled)
 
+    def rows(self, part, filled):
+        """A layer over rows `part` (a slice) of these buffers, `filled` tokens into them: what it
+        writes lands here."""
+        view = copy.copy(self)
+        view._buffers = [buffer[part] for buffer in self._buffers]
+        if hasattr(view, "cumulative_length"):
+            view.cumulative_length += filled - self.keys.shape[-2]
+        view._show(filled)
+        return view
+
 
 class _ReservedLayer(_ReservedKV, DynamicLayer):
     pass
@@ -157,6 +171,128 @@ class _ReservedLayer(_ReservedKV, DynamicLayer):
 
 class _ReservedSlidingLayer(_ReservedKV, DynamicSlidingWindowLayer):
     pass
+
+
+class _SharedPrefixKV(_ReservedKV):
+    """A layer of a batch's cache that holds the shared prompt prefix's keys and values once
+    (`prefix_keys`, one row) and each row's own tokens after it (`keys`, reserved room). To the
+    model it is the [prefix | own tokens] cache of every row: its length and mask sizes count
+    the prefix, so positions and the attention mask are those of the copied layout; only
+    _shared_prefix_attention reads the two parts, so the prefix is neither copied per row nor
+    read once per row at every step."""
+
+    def get_seq_length(self):
+        return self.prefix_keys.shape[-2] + self.keys.shape[-2]
+
+
+class _SharedPrefixLayer(_SharedPrefixKV, DynamicLayer):
+    pass
+
+
+class _SharedPrefixSlidingLayer(_SharedPrefixKV, DynamicSlidingWindowLayer):
+    def get_seq_length(self):
+        return self.cumulative_length  # the prefix and the own tokens (update counts them)
+
+
+def _shared_prefix_cache(prefix_kv, rows, room):
+    """A batch of `rows` over the shared prefix `prefix_kv` (one row), each row with room for
+    `room` own tokens (_SharedPrefixKV); None where a layer is not transformers' dynamic kind or
+    a sliding window could not hold the prefix and the room (there the prefix is copied)."""
+    if not _chunkable(prefix_kv):
+        return None
+    layers = []
+    for layer in prefix_kv.layers:
+        if not layer.is_initialized:
+            return None
+        sliding = type(layer) is DynamicSlidingWindowLayer
+        if sliding and layer.cumulative_length + room > layer.sliding_window - 1:
+            return None
+        shared = _SharedPrefixSlidingLayer(sliding_window=layer.sliding_window) if sliding else _SharedPrefixLayer()
+        vars(shared).update(vars(layer))  # dtype, device, lengths
+        shared.prefix_keys, shared.prefix_values = layer.keys, layer.values
+        shared.keys, shared.values = (t.new_empty((rows, *t.shape[1:-2], 0, t.shape[-1])) for t in (layer.keys, layer.values))
+        shared.reserve(room, zeroed=True)  # left padding a trimmed chunk skips stays zero (and masked)
+        layers.append(shared)
+    cache = copy.copy(prefix_kv)
+    cache.layers = layers
+    return cache
+
+
+def _with_layers(cache, layers):
+    view = copy.copy(cache)
+    view.layers = layers
+    return view
+
+
+# The attention implementation the own loop switches a model to while its cache holds a shared
+# prefix: transformers' sdpa for every other layer, the two-part attention for _SharedPrefixKV.
+SHARED_PREFIX_ATTENTION = "ner_shared_prefix_sdpa"
+_ACTIVE_CACHE = contextvars.ContextVar("ner_active_cache")
+
+
+def _shared_prefix_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """Attention of a batch's queries over [shared prefix | own tokens] in two parts merged by
+    their log-sum-exp (cascade attention): the prefix part is one matmul for all rows (their
+    queries side by side against the one copy of the prefix), the own part is each row's as
+    usual. The softmax over both is the softmax over their union, so the result is sdpa's over
+    the copied layout up to float rounding. Query heads share a key/value head (GQA) by being
+    folded into the query length."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    layer = _ACTIVE_CACHE.get().layers[module.layer_idx]
+    if not isinstance(layer, _SharedPrefixKV):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    rows, heads, length, dim = query.shape
+    kv_heads, own = key.shape[1], key.shape[-2]
+    groups = heads // kv_heads
+    folded = query.reshape(rows, kv_heads, groups * length, dim)  # head kv*groups + g, then position
+    prefix = layer.prefix_keys.shape[-2]
+    if attention_mask is None:  # no padding anywhere: causal within the own part
+        visible = torch.ones(length, own, dtype=torch.bool, device=query.device).tril(own - length)[None, None]
+    else:
+        visible = attention_mask[..., prefix:] if attention_mask.dtype == torch.bool else attention_mask[..., prefix:] == 0
+    visible = visible.expand(rows, 1, length, own).repeat(1, 1, groups, 1)
+    additive = torch.zeros(visible.shape, dtype=query.dtype, device=query.device).masked_fill_(~visible, float("-inf"))
+    own_out, own_lse = flash(folded, key, value, attn_mask=additive, scale=scaling)
+    own_lse = own_lse.masked_fill(~visible.any(-1).squeeze(1)[:, None], float("-inf"))  # a padding query sees none
+    side_by_side = folded.transpose(0, 1).reshape(1, kv_heads, rows * groups * length, dim)
+    pre_out, pre_lse = flash(side_by_side, layer.prefix_keys, layer.prefix_values, scale=scaling)
+    pre_out = pre_out.reshape(kv_heads, rows, groups * length, dim).transpose(0, 1)
+    pre_lse = pre_lse.reshape(kv_heads, rows, groups * length).transpose(0, 1)
+    top = torch.maximum(own_lse, pre_lse)
+    own_w, pre_w = (own_lse - top).exp()[..., None], (pre_lse - top).exp()[..., None]
+    out = (own_out.float() * own_w + pre_out.float() * pre_w) / (own_w + pre_w)
+    out = out.to(query.dtype).reshape(rows, heads, length, dim)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(SHARED_PREFIX_ATTENTION, _shared_prefix_attention)
+AttentionMaskInterface.register(SHARED_PREFIX_ATTENTION, sdpa_mask)
+
+
+def _shares_prefix(model, prefix_kv):
+    """Whether the batch's cache can hold the prefix once: a CPU (the attention's kernel), sdpa
+    (what the two-part attention reproduces), no attention soft-capping."""
+    config = model.config
+    return (prefix_kv is not None and next(model.parameters()).device.type == "cpu"
+            and config._attn_implementation == "sdpa" and getattr(config, "attn_logit_softcapping", None) is None)
+
+
+@contextlib.contextmanager
+def _attending(model, cache):
+    """Runs the body with `cache`: a cache with a shared prefix under _shared_prefix_attention."""
+    if not any(isinstance(layer, _SharedPrefixKV) for layer in getattr(cache, "layers", ())):
+        yield
+        return
+    config, saved = model.config, model.config._attn_implementation
+    config._attn_implementation = SHARED_PREFIX_ATTENTION
+    token = _ACTIVE_CACHE.set(cache)
+    try:
+        yield
+    finally:
+        _ACTIVE_CACHE.reset(token)
+        config._attn_implementation = saved
 
 
 def _reserved_cache(cache, room):
@@ -225,41 +361,82 @@ def packed_linears(model):
             del module.forward
 
 
-def _prefill(model, body, input_ids, attention_mask, prefix_kv, shared, prefill_tokens):
-    """The batch's prompts through the body: (its KV cache, each row's last hidden state).
+# A prefill chunk whose rows share a cache in place may drop the padding columns all its rows
+# have: it ends where taking the next (longer) row would make more than this share of its
+# tokens padding, once it holds MIN_CHUNK_TOKENS (smaller matmuls run further from the peak).
+TRIM_PADDING = 0.125
+MIN_CHUNK_TOKENS = 256
 
-    `prefix_kv` holds the shared prefix's keys and values (one row), copied for every row of the
-    batch. Rows are read in chunks of at most `prefill_tokens` tokens (at least one row), each
-    on its own cache, whose keys and values are then joined: every row computes exactly what
-    it computes in one forward (rows never attend to each other), on smaller activations.
+
+def _row_chunks(lengths, budget, trim):
+    """Consecutive row chunks (start, end, width) of a batch whose rows' own tokens number
+    `lengths`: at most `budget` tokens each (at least one row). `width` is the chunk's longest
+    row with `trim`, else the batch's: every chunk as wide as the batch, so their caches join."""
+    batch_width, chunks, start = max(lengths), [], 0
+    while start < len(lengths):
+        end, width = start + 1, lengths[start]
+        while end < len(lengths):
+            wider = max(width, lengths[end])
+            rows, tokens = end + 1 - start, sum(lengths[start:end + 1])
+            if rows * (wider if trim else batch_width) > budget:
+                break
+            if trim and (end - start) * width >= MIN_CHUNK_TOKENS and rows * wider - tokens > TRIM_PADDING * rows * wider:
+                break
+            end, width = end + 1, wider
+        chunks.append((start, end, width if trim else batch_width))
+        start = end
+    return chunks
+
+
+def _prefill(model, body, input_ids, attention_mask, prefix_kv, shared, prefill_tokens, room):
+    """The batch's prompts through the body: (its KV cache with room for `room` more tokens a
+    row, each row's last hidden state).
+
+    `prefix_kv` holds the shared prefix's keys and values (one row): kept once for the batch
+    where the model allows it (_shared_prefix_cache), else copied for every row. Rows are read
+    in chunks of at most `prefill_tokens` tokens (at least one row): every row computes exactly
+    what it computes in one forward (rows never attend to each other), on smaller activations.
+    Where the batch's cache holds the prefix once, chunks write into it in place and each
+    leaves out the padding columns all its rows have (_row_chunks); otherwise each chunk has its
+    own cache, as wide as the batch, and their keys and values are joined.
     """
-    import copy
-
     # Positions from the mask, as transformers' generate computes them: left padding and the
     # [shared prefix | padding | own tokens] layout of a cached batch put every token where it
     # would be alone.
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    rows = input_ids.shape[0]
-    per_chunk = max(1, prefill_tokens // max(1, input_ids.shape[1] - shared))
-    if per_chunk < rows and not _chunkable(prefix_kv if prefix_kv is not None else DynamicCache(config=model.config)):
-        per_chunk = rows
+    rows, width = input_ids.shape[0], input_ids.shape[1] - shared
+    batch_cache = _shared_prefix_cache(prefix_kv, rows, width + room) if _shares_prefix(model, prefix_kv) else None
+    chunks = _row_chunks(attention_mask[:, shared:].sum(-1).tolist(), prefill_tokens, trim=batch_cache is not None)
+    if batch_cache is None and len(chunks) > 1 \
+            and not _chunkable(prefix_kv if prefix_kv is not None else DynamicCache(config=model.config)):
+        chunks = [(0, rows, width)]
     caches, hidden = [], []
-    for start in range(0, rows, per_chunk):
-        part = slice(start, start + per_chunk)
-        cache = None
-        if prefix_kv is not None:
+    for start, end, chunk_width in chunks:
+        part, skip = slice(start, end), width - chunk_width  # columns of padding every row of the chunk has
+        if batch_cache is not None:
+            cache = _with_layers(batch_cache, [layer.rows(part, skip) for layer in batch_cache.layers])
+        elif prefix_kv is not None:
             cache = copy.deepcopy(prefix_kv)
             cache.batch_repeat_interleave(input_ids[part].shape[0])
-        out = body(input_ids=input_ids[part, shared:], attention_mask=attention_mask[part],
-                   position_ids=positions[part, shared:], cache=cache, use_cache=True)
+        else:
+            cache = None
+        with _attending(model, cache):
+            out = body(input_ids=input_ids[part, shared + skip:], attention_mask=attention_mask[part],
+                       position_ids=positions[part, shared + skip:], cache=cache, use_cache=True)
         caches.append(out.cache)
         hidden.append(out.last_hidden_state[:, -1])
+    if batch_cache is not None:
+        for layer in batch_cache.layers:  # the chunks filled every row's own tokens
+            layer._show(width)
+            if hasattr(layer, "cumulative_length"):
+                layer.cumulative_length += width
+        return batch_cache, torch.cat(hidden)
     cache = caches[0]
     if len(caches) > 1:
         for i, layer in enumerate(cache.layers):
             layer.keys = torch.cat([c.layers[i].keys for c in caches])
             layer.values = torch.cat([c.layers[i].values for c in caches])
-    return cache, torch.cat(hidden)
+    return _reserved_cache(cache, room), torch.cat(hidden)
 
 
 def _greedy(model, input_ids, attention_mask, prefix_kv, shared, max_new_tokens, eos_id, answers=None,
@@ -277,8 +454,9 @@ def _greedy(model, input_ids, attention_mask, prefix_kv, shared, max_new_tokens,
     rows = None  # the output layer's rows for token_ids, gathered once per batch
     if token_ids is not None:
         rows = (head.weight[token_ids], None if head.bias is None else head.bias[token_ids])
-    cache, hidden = _prefill(model, body, input_ids, attention_mask, prefix_kv, shared, prefill_tokens)
-    cache = _reserved_cache(cache, max_new_tokens - 1)  # the last token chosen is never run
+    # Room for every answer token but the last chosen, which is never run.
+    cache, hidden = _prefill(model, body, input_ids, attention_mask, prefix_kv, shared, prefill_tokens,
+                             max_new_tokens - 1)
     alive = list(range(input_ids.shape[0]))  # batch rows still generating, in cache order
     generated = [[] for _ in alive]
     for step in range(max_new_tokens):
@@ -307,8 +485,9 @@ def _greedy(model, input_ids, attention_mask, prefix_kv, shared, max_new_tokens,
             alive = [alive[j] for j in keep]
             tokens = [tokens[j] for j in keep]
         attention_mask = torch.nn.functional.pad(attention_mask, (0, 1), value=1)
-        out = body(input_ids=torch.tensor(tokens, device=input_ids.device)[:, None], attention_mask=attention_mask,
-                   position_ids=attention_mask.sum(-1, keepdim=True) - 1, cache=cache, use_cache=True)
+        with _attending(model, cache):
+            out = body(input_ids=torch.tensor(tokens, device=input_ids.device)[:, None], attention_mask=attention_mask,
+                       position_ids=attention_mask.sum(-1, keepdim=True) - 1, cache=cache, use_cache=True)
         cache, hidden = out.cache, out.last_hidden_state[:, -1]
     return generated
 
@@ -334,8 +513,6 @@ def generate(model, tokenizer, prompts, max_new_tokens=64, batch_size=8, progres
     tokens (see PREFILL_TOKENS) and, on a CPU, with `packed_weights` multiplies through
     packed_linears. `progress(n)` is called after each batch.
     """
-    import copy
-
     from transformers import GenerationConfig
 
     device = next(model.parameters()).device

@@ -130,24 +130,26 @@ def test_grounded_greedy_is_the_processor_in_transformers_generate(policy, model
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
-def test_decode_steps_write_the_cache_in_place(arch, tiny_model, train16, tmp_path):
+def test_decode_steps_write_the_cache_in_place_and_hold_the_prefix_once(arch, tiny_model, train16, tmp_path):
     """Each decode step writes its token's keys and values into room reserved after the prompt,
     where transformers' dynamic cache copies the whole cache to append one token: while no row
     leaves the batch, the keys of every step live in the same storage (a sliding-window layer
-    too, when the window holds the prompt and answer: Gemma 3 with a 512-token window)."""
-    from generation import generate
+    too, when the window holds the prompt and answer: Gemma 3 with a 512-token window). The
+    shared prompt prefix is held once for the batch, not copied into every row."""
+    from generation import generate, shared_prefix_length
     from model_utils import load_model_and_tokenizer
 
     build(arch, tiny_model, tmp_path / arch, **({"sliding_window": 512} if arch == "gemma3" else {}))
     model, tokenizer = load_model_and_tokenizer(str(tmp_path / arch), dtype="float32", device="cpu")
     prompts = prompts_of(tokenizer, load_data(train16)[:4], 12)
-    steps = []  # per decode step: its rows and, per layer, where the cache's keys are stored
+    shared = shared_prefix_length(prompts)
+    steps = []  # per decode step: its rows, where each layer's keys are stored, the prefix's shape
 
     def record(module, args, kwargs):
         if kwargs["input_ids"].shape[1] == 1:
-            cache = kwargs["cache"]
-            steps.append((kwargs["input_ids"].shape[0],
-                          [layer.keys.untyped_storage().data_ptr() for layer in cache.layers]))
+            layers = kwargs["cache"].layers
+            steps.append((kwargs["input_ids"].shape[0], [layer.keys.untyped_storage().data_ptr() for layer in layers],
+                          {tuple(layer.prefix_keys.shape[::2]) for layer in layers}))
     hook = model.model.register_forward_pre_hook(record, with_kwargs=True)
     outputs = generate(model, tokenizer, prompts, max_new_tokens=12, batch_size=4)
     hook.remove()
@@ -155,6 +157,41 @@ def test_decode_steps_write_the_cache_in_place(arch, tiny_model, train16, tmp_pa
     same_rows = [(a, b) for a, b in zip(steps, steps[1:]) if a[0] == b[0]]
     assert len(same_rows) >= 3
     assert all(a[1] == b[1] for a, b in same_rows)
+    assert shared > 8 and all(prefix == {(1, shared)} for _, _, prefix in steps)  # (rows, tokens) of every layer
+
+
+def test_a_model_off_sdpa_copies_the_prefix_and_answers_the_same(tiny_model, train16):
+    """The prefix is held once only under sdpa, which the two-part attention reproduces; a model
+    on eager attention gets the copied [prefix | own tokens] rows and the same answers."""
+    from generation import generate
+    from model_utils import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(tiny_model, dtype="float32", device="cpu")
+    model.config._attn_implementation = "eager"
+    prompts = prompts_of(tokenizer, load_data(train16)[:4], 8)
+    kinds = set()
+    hook = model.model.register_forward_pre_hook(
+        lambda m, a, kw: kinds.update(type(layer).__name__ for layer in kw["cache"].layers)
+        if kw["input_ids"].shape[1] == 1 else None, with_kwargs=True)
+    outputs = generate(model, tokenizer, prompts, max_new_tokens=8, batch_size=4)
+    hook.remove()
+    assert outputs == reference(model, tokenizer, prompts, 8)
+    assert kinds == {"_ReservedLayer"}
+
+
+def test_prefill_chunks_leave_out_the_padding_their_rows_share():
+    """Rows 30 tokens long fill a chunk of 300; a 60-token row would make 300 of 660 tokens
+    padding (over an eighth), so the longer rows start their own chunk, 60 wide. Without
+    trimming every chunk is the batch's 60 wide: 1152 // 60 = 19 rows fit one chunk."""
+    from generation import _row_chunks
+
+    lengths = [30] * 10 + [60] * 5
+    assert _row_chunks(lengths, 1152, trim=True) == [(0, 10, 30), (10, 15, 60)]
+    assert _row_chunks(lengths, 1152, trim=False) == [(0, 15, 60)]
+    assert _row_chunks(lengths, 600, trim=False) == [(0, 10, 60), (10, 15, 60)]
+    # Below 256 tokens a chunk takes a longer row whatever its padding; the budget still holds.
+    assert _row_chunks([5, 5, 50], 1152, trim=True) == [(0, 3, 50)]
+    assert _row_chunks([40, 40, 40], 100, trim=True) == [(0, 2, 40), (2, 3, 40)]
 
 
 def test_packed_linears_compute_the_layers_and_leave_nothing_behind(tiny_model):
