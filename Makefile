@@ -1,4 +1,4 @@
-# Two commands for a fresh machine:  make demo  (whole pipeline on the tiny model)  and  make test.
+# Two commands for a fresh machine:  make demo  (the whole pipeline, LoRA on Gemma 3 270M)  and  make test.
 # Both create .venv on first use and reinstall only when requirements.txt changes.
 SHELL := /bin/bash
 PYTHON ?= python3

@@ -45,7 +45,10 @@ def shared_prefix_loss(model, batch, num_items_in_batch=None):
     if n == 0:
         return answer_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"], num_items_in_batch)
     ids = batch["input_ids"]
-    cache = model(input_ids=ids[:1, :n], use_cache=True, logits_to_keep=1).cache  # its logits carry no loss
+    # Its logits carry no loss: an all-False mask keeps none (one position would cost a full
+    # vocabulary row, 262,144 logits on Gemma 3, forward and backward).
+    none = torch.zeros((1, n), dtype=torch.bool, device=ids.device)
+    cache = model(input_ids=ids[:1, :n], use_cache=True, logits_to_keep=none).cache
     cache.batch_repeat_interleave(ids.shape[0])
     return answer_loss(model, ids[:, n:], batch["attention_mask"], batch["labels"][:, n:], num_items_in_batch,
                        cache=cache, use_cache=True)
