@@ -12,7 +12,8 @@ Training, same model, same examples, same number of optimizer steps:
   (c) a bare PyTorch loop over the same batches and loss function as (b): the practical limit.
 Evaluation on the same test sentences:
   (a) one example at a time; (b) our batched generation; (c) (b) plus the shared-prefix KV cache;
-  (d) (c) with grounded decoding (test.py's default), against (c) without it.
+  (d) (c) with grounded decoding (test.py's default), against (c) without it; (e) (c) with plain
+  row-major weights instead of packed ones. Each variant's prompts' pass is timed apart.
 Results go to bench/results.json and BENCHMARKS.md. By default the model is a randomly
 initialised LLaMA (hidden 512, 4 layers, 20.8M parameters with the tiny tokenizer's 8,000
 pieces) so that model compute, not Python overhead, dominates a training step; random weights
