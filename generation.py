@@ -213,12 +213,11 @@ def _shared_prefix_cache(prefix_kv, rows, room):
         shared.keys, shared.values = (t.new_empty((rows, *t.shape[1:-2], 0, t.shape[-1])) for t in (layer.keys, layer.values))
         shared.reserve(room, zeroed=True)  # left padding a trimmed chunk skips stays zero (and masked)
         layers.append(shared)
-    cache = copy.copy(prefix_kv)
-    cache.layers = layers
-    return cache
+    return _with_layers(prefix_kv, layers)
 
 
 def _with_layers(cache, layers):
+    """A shallow copy of `cache` whose layers are `layers`."""
     view = copy.copy(cache)
     view.layers = layers
     return view
