@@ -137,6 +137,12 @@ class _ReservedKV:
     def _show(self, filled):
         self.keys, self.values = (buffer[..., :filled, :] for buffer in self._buffers)
 
+    def _fill(self, filled):
+        """Show `filled` tokens, written outside update (a sliding layer counts them too)."""
+        if hasattr(self, "cumulative_length"):
+            self.cumulative_length += filled - self.keys.shape[-2]
+        self._show(filled)
+
     def update(self, key_states, value_states, *args, **kwargs):
         filled, new = self.keys.shape[-2], key_states.shape[-2]
         if filled + new > self._buffers[0].shape[-2]:  # more than reserved: grow as the dynamic layer does
@@ -159,9 +165,7 @@ class _ReservedKV:
         writes lands here."""
         view = copy.copy(self)
         view._buffers = [buffer[part] for buffer in self._buffers]
-        if hasattr(view, "cumulative_length"):
-            view.cumulative_length += filled - self.keys.shape[-2]
-        view._show(filled)
+        view._fill(filled)
         return view
 
 
@@ -194,6 +198,20 @@ class _SharedPrefixSlidingLayer(_SharedPrefixKV, DynamicSlidingWindowLayer):
         return self.cumulative_length  # the prefix and the own tokens (update counts them)
 
 
+def _holds(layer, room):
+    """Whether `layer` can take `room` more tokens into reserved room: a full layer always; a
+    sliding-window one while its window holds everything it will see (then it computes what a
+    full layer computes)."""
+    return type(layer) is not DynamicSlidingWindowLayer or layer.cumulative_length + room <= layer.sliding_window - 1
+
+
+def _converted(layer, full, sliding):
+    """`layer`'s state (keys, values, lengths, window) in a new layer of class `full` or `sliding`."""
+    new = sliding(sliding_window=layer.sliding_window) if type(layer) is DynamicSlidingWindowLayer else full()
+    vars(new).update(vars(layer))
+    return new
+
+
 def _shared_prefix_cache(prefix_kv, rows, room):
     """A batch of `rows` over the shared prefix `prefix_kv` (one row), each row with room for
     `room` own tokens (_SharedPrefixKV); None where a layer is not transformers' dynamic kind or
@@ -202,13 +220,9 @@ def _shared_prefix_cache(prefix_kv, rows, room):
         return None
     layers = []
     for layer in prefix_kv.layers:
-        if not layer.is_initialized:
+        if not layer.is_initialized or not _holds(layer, room):
             return None
-        sliding = type(layer) is DynamicSlidingWindowLayer
-        if sliding and layer.cumulative_length + room > layer.sliding_window - 1:
-            return None
-        shared = _SharedPrefixSlidingLayer(sliding_window=layer.sliding_window) if sliding else _SharedPrefixLayer()
-        vars(shared).update(vars(layer))  # dtype, device, lengths
+        shared = _converted(layer, _SharedPrefixLayer, _SharedPrefixSlidingLayer)
         shared.prefix_keys, shared.prefix_values = layer.keys, layer.values
         shared.keys, shared.values = (t.new_empty((rows, *t.shape[1:-2], 0, t.shape[-1])) for t in (layer.keys, layer.values))
         shared.reserve(room, zeroed=True)  # left padding a trimmed chunk skips stays zero (and masked)
@@ -224,7 +238,7 @@ def _with_layers(cache, layers):
 
 
 # The attention implementation the own loop switches a model to while its cache holds a shared
-# prefix: transformers' sdpa for every other layer, the two-part attention for _SharedPrefixKV.
+# prefix once (_SharedPrefixKV): sdpa's masks, the two-part attention.
 SHARED_PREFIX_ATTENTION = "ner_shared_prefix_sdpa"
 _ACTIVE_CACHE = contextvars.ContextVar("ner_active_cache")
 
@@ -235,12 +249,9 @@ def _shared_prefix_attention(module, query, key, value, attention_mask, dropout=
     queries side by side against the one copy of the prefix), the own part is each row's as
     usual. The softmax over both is the softmax over their union, so the result is sdpa's over
     the copied layout up to float rounding. Query heads share a key/value head (GQA) by being
-    folded into the query length."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
+    folded into the query length. Only _attending switches a model to it, with a cache whose
+    every layer is a _SharedPrefixKV (_shared_prefix_cache makes all or none)."""
     layer = _ACTIVE_CACHE.get().layers[module.layer_idx]
-    if not isinstance(layer, _SharedPrefixKV):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     rows, heads, length, dim = query.shape
     kv_heads, own = key.shape[1], key.shape[-2]
@@ -296,22 +307,13 @@ def _attending(model, cache):
 
 def _reserved_cache(cache, room):
     """`cache` (transformers' dynamic layers, see _chunkable) with room for `room` more tokens in
-    every layer (_ReservedKV). A sliding-window layer is reserved only while the window holds
-    everything it will see (then it computes what a full layer computes); otherwise it stays as it is."""
+    every layer that can take it (_holds); the others stay as they are."""
     if not _chunkable(cache):
         return cache
     for i, layer in enumerate(cache.layers):
-        if not layer.is_initialized:
-            continue
-        if type(layer) is DynamicSlidingWindowLayer:
-            if layer.cumulative_length + room > layer.sliding_window - 1:
-                continue
-            reserved = _ReservedSlidingLayer(sliding_window=layer.sliding_window)
-        else:
-            reserved = _ReservedLayer()
-        vars(reserved).update(vars(layer))  # the same state (keys, values, lengths), then the room
-        reserved.reserve(room)
-        cache.layers[i] = reserved
+        if layer.is_initialized and _holds(layer, room):
+            cache.layers[i] = _converted(layer, _ReservedLayer, _ReservedSlidingLayer)
+            cache.layers[i].reserve(room)
     return cache
 
 
@@ -426,9 +428,7 @@ def _prefill(model, body, input_ids, attention_mask, prefix_kv, shared, prefill_
         hidden.append(out.last_hidden_state[:, -1])
     if batch_cache is not None:
         for layer in batch_cache.layers:  # the chunks filled every row's own tokens
-            layer._show(width)
-            if hasattr(layer, "cumulative_length"):
-                layer.cumulative_length += width
+            layer._fill(width)
         return batch_cache, torch.cat(hidden)
     cache = caches[0]
     if len(caches) > 1:
@@ -458,36 +458,36 @@ def _greedy(model, input_ids, attention_mask, prefix_kv, shared, max_new_tokens,
                              max_new_tokens - 1)
     alive = list(range(input_ids.shape[0]))  # batch rows still generating, in cache order
     generated = [[] for _ in alive]
-    for step in range(max_new_tokens):
-        scores = _logits(model, head, hidden, rows)
-        if answers is None:
-            tokens = scores.argmax(-1).tolist()
-        else:
-            best = scores.argmax(-1).tolist() if answers.needs_full_logits else None
-            # Greedy takes the lowest id among exact ties, as argmax over the masked scores would.
-            tokens = [best[j] if allowed is None else min(allowed)
-                      for j, allowed in enumerate(answers.choose(alive, scores, restricted=restricted))]
-            by_row = [None] * len(answers.states)
+    with _attending(model, cache):  # the same cache object every step: switched once per batch
+        for step in range(max_new_tokens):
+            scores = _logits(model, head, hidden, rows)
+            if answers is None:
+                tokens = scores.argmax(-1).tolist()
+            else:
+                best = scores.argmax(-1).tolist() if answers.needs_full_logits else None
+                # Greedy takes the lowest id among exact ties, as argmax over the masked scores would.
+                tokens = [best[j] if allowed is None else min(allowed)
+                          for j, allowed in enumerate(answers.choose(alive, scores, restricted=restricted))]
+                by_row = [None] * len(answers.states)
+                for r, tok in zip(alive, tokens):
+                    by_row[r] = tok
+                answers.advance(by_row)
             for r, tok in zip(alive, tokens):
-                by_row[r] = tok
-            answers.advance(by_row)
-        for r, tok in zip(alive, tokens):
-            if tok != eos_id:
-                generated[r].append(tok)
-        keep = [j for j, tok in enumerate(tokens) if tok != eos_id]
-        if not keep or step == max_new_tokens - 1:
-            break
-        if len(keep) < len(alive):
-            index = torch.tensor(keep, device=input_ids.device)
-            cache.batch_select_indices(index)
-            attention_mask = attention_mask[index]
-            alive = [alive[j] for j in keep]
-            tokens = [tokens[j] for j in keep]
-        attention_mask = torch.nn.functional.pad(attention_mask, (0, 1), value=1)
-        with _attending(model, cache):
+                if tok != eos_id:
+                    generated[r].append(tok)
+            keep = [j for j, tok in enumerate(tokens) if tok != eos_id]
+            if not keep or step == max_new_tokens - 1:
+                break
+            if len(keep) < len(alive):
+                index = torch.tensor(keep, device=input_ids.device)
+                cache.batch_select_indices(index)
+                attention_mask = attention_mask[index]
+                alive = [alive[j] for j in keep]
+                tokens = [tokens[j] for j in keep]
+            attention_mask = torch.nn.functional.pad(attention_mask, (0, 1), value=1)
             out = body(input_ids=torch.tensor(tokens, device=input_ids.device)[:, None], attention_mask=attention_mask,
                        position_ids=attention_mask.sum(-1, keepdim=True) - 1, cache=cache, use_cache=True)
-        cache, hidden = out.cache, out.last_hidden_state[:, -1]
+            cache, hidden = out.cache, out.last_hidden_state[:, -1]
     return generated
 
 
