@@ -15,8 +15,8 @@ import os
 import sys
 
 from config_utils import ConfigError, UserError, check_writable, parse_config, run_cli
-from dataset import (DEFAULT_INSTRUCT, QUERY_PREFIX, check_prompt_style, encode_prompt, encode_text, read_text,
-                     write_json)
+from answer_format import DEFAULT_INSTRUCT
+from dataset import QUERY_PREFIX, check_prompt_style, encode_prompt, encode_text, read_text, write_json
 from model_utils import check_quantization_name
 
 BANNER = """+ 该模式下仅支持单轮问答，无多轮对话能力。空行、Ctrl-D 或 Ctrl-C 退出。
@@ -99,7 +99,7 @@ def ner_sentence(text):
 
 class Chat:
     def __init__(self, args):
-        from model_utils import instruct_for, label_names_for, load_for_inference
+        from model_utils import answer_format_for, instruct_for, label_names_for, load_for_inference
         from generation import generate
 
         self._generate = generate
@@ -116,6 +116,7 @@ class Chat:
         self.style = check_prompt_style(args.prompt_style or recorded, self.tokenizer)
         self.instruct = instruct_for(train_args)  # for a bare `文本：<sentence>`
         self.label_names = label_names_for(train_args)  # the types grounded answers may name
+        self.answer_format = answer_format_for(train_args)  # the answers' grammar
         # Room for the answer inside the model's context window.
         self.max_prompt = self.model.config.max_position_embeddings - args.max_new_tokens
         if self.max_prompt < 16:
@@ -140,7 +141,8 @@ class Chat:
             # NER inputs only; plain chat stays unconstrained.
             sentences = [ner_sentence(text) for text in texts]
             if any(s is not None for s in sentences):
-                grounding = Grounding(sentences, self.label_names, eos_penalty=self.args.eos_penalty)
+                grounding = Grounding(sentences, self.label_names, eos_penalty=self.args.eos_penalty,
+                                      answer_format=self.answer_format)
         return self._generate(self.model, self.tokenizer, prompts, max_new_tokens=self.args.max_new_tokens,
                               batch_size=self.args.batch_size, max_prompt_tokens=self.max_prompt,
                               grounding=grounding, **self.sampling)

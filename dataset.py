@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from answer_format import DEFAULT_ANSWER_FORMAT, check_answer_format, label_name_problem
 from config_utils import UserError
 
 # Every prompt format lives here, selected by the `prompt_style` recorded beside each adapter.
@@ -34,20 +35,7 @@ PROMPT_STYLES = {  # style -> id saved beside every adapter, so inference can ch
 }
 PROMPT_ID = PROMPT_STYLES["alpaca"]
 
-# The instruction of taishan1994/Chinese-LLaMA-Alpaca-LoRA-Tuning for MSRA (the model is asked for people, places and organisations).
-DEFAULT_INSTRUCT = (
-    "你现在是一个实体识别模型，你需要提取文本里面的人名、地名、机构名，如果存在结果，"
-    "返回'实体_实体类型'，不同实体间用\\n分隔。如果没有结果，回答'没有'。"
-)
 QUERY_PREFIX = "文本："
-NO_ENTITY = "没有"  # the whole answer when a sentence has no entity
-# The one line break of an answer: format_answer joins lines with it, metrics.parse_answer and
-# the grounded-decoding grammar split on it and on nothing else (not on \r, U+2028 or the other
-# breaks str.splitlines knows), so an entity may hold any other character of its sentence.
-LINE_BREAK = "\n"
-ENTITY_END = "_"  # ends an answer line's entity; the type name follows it
-# Tag type -> the Chinese name used in answers. process.py takes a different map as config.
-DEFAULT_LABEL_NAMES = {"PER": "人名", "LOC": "地名", "ORG": "机构名"}
 # process.py writes {"label_names": {type: name}, "instruct": ...} beside the instruct files;
 # training copies both into train_args.json, so test/predict/chat read answers with the types
 # the data was made with and ask plain texts with the instruction the model learnt.
@@ -85,28 +73,14 @@ class TooLongError(ValueError):
     """Template, instruction and answer alone exceed max_seq_length (the query cannot shrink enough)."""
 
 
-def label_name_problem(name):
-    """Why `name` cannot be a type name in answers (None when it can): an answer line is
-    `<entity>_<name>`, split on its last `_`, and a name is compared after stripping spaces."""
-    if not isinstance(name, str) or not name:
-        return "it is empty"
-    if ENTITY_END in name:
-        return f"it contains '{ENTITY_END}', which ends an answer line's entity"
-    if LINE_BREAK in name:
-        return "it contains a line break, which ends an answer line"
-    if name != name.strip():
-        return "it starts or ends with a space"
-    return None
-
-
-def check_label_names(names, where):
-    """{type code: name} usable in answers: non-empty, unique, each name generable unambiguously;
-    else one line naming `where` (a config key or a file)."""
+def check_label_names(names, where, answer_format=DEFAULT_ANSWER_FORMAT):
+    """{type code: name} usable in answers of `answer_format`: non-empty, unique, each name
+    generable unambiguously; else one line naming `where` (a config key or a file)."""
     if not isinstance(names, dict) or not names:
         raise DataError(f"{where}: 'label_names' must be an object of non-empty type -> name strings")
     seen = set()
     for code, name in names.items():
-        problem = "the type code is empty" if not isinstance(code, str) or not code else label_name_problem(name)
+        problem = "the type code is empty" if not isinstance(code, str) or not code else label_name_problem(name, answer_format)
         if problem is None and name in seen:
             problem = "it is used for two types"
         if problem:
@@ -115,14 +89,9 @@ def check_label_names(names, where):
     return names
 
 
-def ner_instruct(label_names):
-    """The NER instruction for a label set; DEFAULT_LABEL_NAMES gives DEFAULT_INSTRUCT exactly."""
-    names = "、".join(label_names.values())
-    return DEFAULT_INSTRUCT.replace("人名、地名、机构名", names)
-
-
 def read_data_info(data_path):
-    """What process.py recorded beside `data_path` (a data file): label_names and instruct, or None."""
+    """What process.py recorded beside `data_path` (a data file): label_names, instruct and
+    answer_format (absent in folders written before formats existed: seed), or None."""
     path = Path(data_path).parent / DATA_INFO_FILE
     if not path.is_file():
         return None
@@ -130,7 +99,10 @@ def read_data_info(data_path):
         info = json.loads(read_text(path))
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-    check_label_names(info.get("label_names") if isinstance(info, dict) else None, f"{path}:1")
+    if not isinstance(info, dict):
+        raise DataError(f"{path}:1: expected a JSON object with 'label_names'")
+    answer_format = check_answer_format(info.get("answer_format", DEFAULT_ANSWER_FORMAT), f"{path}:1")
+    check_label_names(info.get("label_names"), f"{path}:1", answer_format)
     return info
 
 
@@ -293,18 +265,6 @@ def encode_prompt(tokenizer, instruct, query=None, style="alpaca"):
             + tokenizer.encode(after, add_special_tokens=False))
 
 
-def format_answer(entities, label_names=None):
-    """[(entity, type), ...] -> the answer text: `实体_类型` lines, first appearance order, no duplicates."""
-    label_names = DEFAULT_LABEL_NAMES if label_names is None else label_names
-    seen, lines = set(), []
-    for entity, etype in entities:
-        if (entity, etype) in seen:
-            continue
-        seen.add((entity, etype))
-        lines.append(f"{entity}{ENTITY_END}{label_names[etype]}")
-    return LINE_BREAK.join(lines) if lines else NO_ENTITY
-
-
 def load_data(path, columns=tuple(COLUMN_DEFAULTS.values()), allow_empty=False, line_numbers=False):
     """Read instruct JSONL into a list of dicts; any bad line fails with `path:line: reason`.
 
@@ -394,13 +354,16 @@ class NerCollate(PromptEncoder):
     mask the prompt out of the loss, pad dynamically. For chat templates EOS is the end-of-turn
     token (Qwen's <|im_end|>, Llama-3's <|eot_id|>): the loss covers the answer and the turn's end.
     Too-long examples lose characters from the end of the query text only, never the template,
-    instruction, answer or EOS; `self.truncated` counts them.
+    instruction, answer or EOS; `self.truncated` counts them. An answer that copies its sentence
+    (`answer_format` inline) would then copy text its prompt no longer holds: such an example is
+    left out instead (EncodedDataset counts it).
     """
 
-    def __init__(self, args, tokenizer):
+    def __init__(self, args, tokenizer, answer_format=DEFAULT_ANSWER_FORMAT):
         super().__init__(args, tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.truncated = 0
+        self.copies_query = answer_format == "inline"
 
     def encode(self, example):
         instruct, query = example[self.instruct_column], example[self.query_column]
@@ -408,6 +371,8 @@ class NerCollate(PromptEncoder):
         prompt_ids = self.prompt_ids(instruct, query)
         budget = self.max_seq_length - len(answer_ids)
         if len(prompt_ids) > budget:
+            if self.copies_query:
+                raise TooLongError(f"max_seq_length={self.max_seq_length} cannot hold this sentence and its copy")
             prompt_ids = self._shorten_query(instruct, query, budget)
             self.truncated += 1
         return {"input_ids": prompt_ids + answer_ids, "labels": [-100] * len(prompt_ids) + answer_ids}

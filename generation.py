@@ -14,21 +14,29 @@ from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingW
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from config_utils import ConfigError
-from dataset import PromptEncoder, TooLongError, sentence_of
-from model_utils import label_names_for
+from answer_format import copy_text
+from dataset import PromptEncoder, TooLongError, encode_text, sentence_of
+from model_utils import answer_format_for, label_names_for
 
 
 def ner_generate(model, tokenizer, train_args, records, batch_size=16, max_new_tokens=64, progress=None,
                  grounded=False, label_names=None, policy=None, eos_penalty=0.0, **generate_options):
     """Instruct records -> raw generated answers, prompts built exactly as in training.
 
-    With `grounded`, answers are constrained to substrings of each record's sentence (its query
-    after `文本：`) and the names of `label_names` (default: the adapter's label set), choosing by
-    the greedy `policy` (default grounding.DEFAULT_POLICY), with `eos_penalty` subtracted from EOS's
-    logit where an answer could end; see grounding.py.
+    Answers are in the adapter's answer format (train_args' `answer_format`). With `grounded`,
+    answers are constrained by the format's grammar to substrings of each record's sentence (its
+    query after `文本：`) and the names of `label_names` (default: the adapter's label set),
+    choosing by the greedy `policy` (default grounding.DEFAULT_POLICY), with `eos_penalty`
+    subtracted from EOS's logit where an answer could end; see grounding.py. `max_new_tokens`
+    is the answer budget; an inline answer (the sentence copied with its entities marked) gets
+    the tokens of its copy on top.
     Returns (outputs, number of queries shortened to fit the trained max_seq_length).
     """
     collate = PromptEncoder(train_args, tokenizer)
+    answer_format = answer_format_for(train_args)
+    sentences = [sentence_of(rec[collate.query_column]) for rec in records]
+    if answer_format == "inline":
+        max_new_tokens += max((len(encode_text(tokenizer, copy_text(s))) for s in sentences), default=0)
     context = model.config.max_position_embeddings
     prompts, shortened = [], 0
     for rec in records:
@@ -45,12 +53,11 @@ def ner_generate(model, tokenizer, train_args, records, batch_size=16, max_new_t
     if grounded:
         from grounding import DEFAULT_POLICY, Grounding
 
-        grounding = Grounding([sentence_of(rec[collate.query_column]) for rec in records],
-                              label_names or label_names_for(train_args), policy or DEFAULT_POLICY, eos_penalty)
+        grounding = Grounding(sentences, label_names or label_names_for(train_args), policy or DEFAULT_POLICY,
+                              eos_penalty, answer_format)
     outputs = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
                        batch_size=batch_size, progress=progress, grounding=grounding, **generate_options)
     return outputs, shortened
-
 
 
 def _length_sorted_batches(lengths, batch_size):

@@ -1,59 +1,14 @@
 """Entity-level NER metrics for generated answers, at set level and at mention level.
 
-The model answers with `实体_类型` lines (or `没有`), so scoring is done on sets of
-(entity text, type code) pairs per sentence rather than on token tags: a prediction counts
-only when both the string and the type match a gold entity of the same sentence.
-
-`parse_answer` turns generated text back into pairs and keeps the lines it could not read
-(`bad_lines`), so a model that drifts from the answer format shows up in the numbers instead
-of silently losing recall. `score` computes micro/per-type/macro P/R/F1 plus a few counts
-that explain the errors; `format_table` prints them.
+The model answers in an answer format (answer_format.py), whose parser gives back (entity
+text, type code) pairs, so scoring is done on sets of pairs per sentence rather than on token
+tags: a prediction counts only when both the string and the type match a gold entity of the
+same sentence. The parser also keeps what it could not read (`bad_lines`), so a model that
+drifts from the format shows up in the numbers instead of silently losing recall. `score`
+computes micro/per-type/macro P/R/F1 plus a few counts that explain the errors;
+`format_table` prints them.
 """
-from dataclasses import dataclass, field
-
-from dataset import DEFAULT_LABEL_NAMES, ENTITY_END, LINE_BREAK, NO_ENTITY
-
-
-@dataclass
-class ParsedAnswer:
-    entities: list[tuple[str, str]] = field(default_factory=list)  # (entity_text, type_code), no duplicates
-    bad_lines: list[str] = field(default_factory=list)  # non-blank lines that are not `实体_类型`
-
-
-def _type_lookup(label_names):
-    """Chinese name or code -> code. Codes are accepted too, since both forms are unambiguous."""
-    lookup = {code: code for code in label_names}
-    lookup.update({name: code for code, name in label_names.items()})
-    return lookup
-
-
-def parse_answer(text, label_names=None):
-    """Generated answer text -> ParsedAnswer.
-
-    Lines are split on LINE_BREAK alone, as the grammar of grounded decoding splits them (an
-    entity may hold a \\r or U+2028 of its sentence). Each line is split on its LAST "_" so
-    entities that contain "_" survive; a line that is exactly NO_ENTITY means "no entity here"
-    and is not an error. Generated text never holds an end-of-sequence token (generation stops
-    at its id), so `</s>` in an answer is text like any other.
-    """
-    label_names = DEFAULT_LABEL_NAMES if label_names is None else label_names
-    lookup = _type_lookup(label_names)
-    text = text or ""
-    entities, bad_lines, seen = [], [], set()
-    for raw in text.split(LINE_BREAK):
-        line = raw.strip()
-        if not line or line == NO_ENTITY:
-            continue
-        entity, sep, type_name = line.rpartition(ENTITY_END)
-        entity, type_name = entity.strip(), type_name.strip()
-        if not sep or not entity or type_name not in lookup:
-            bad_lines.append(line)
-            continue
-        pair = (entity, lookup[type_name])
-        if pair not in seen:
-            seen.add(pair)
-            entities.append(pair)
-    return ParsedAnswer(entities=entities, bad_lines=bad_lines)
+from answer_format import DEFAULT_LABEL_NAMES
 
 
 def _prf(tp, fp, fn):

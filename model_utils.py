@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from config_utils import ConfigError, UserError
-from dataset import DEFAULT_LABEL_NAMES, PROMPT_STYLES, check_label_names, ner_instruct, read_data_info
+from answer_format import DEFAULT_ANSWER_FORMAT, DEFAULT_LABEL_NAMES, check_answer_format, ner_instruct
+from dataset import PROMPT_STYLES, check_label_names, read_data_info
 from grounding import DEFAULT_POLICY, POLICIES
 
 TRAIN_ARGS_FILE = "train_args.json"
@@ -80,7 +81,14 @@ def label_names_for(train_args, data_path=None):
 
 def instruct_for(train_args):
     """The instruction plain texts get: the one the adapter was trained with, else the standard one."""
-    return train_args.get("instruct") or ner_instruct(label_names_for(train_args))
+    return train_args.get("instruct") or ner_instruct(label_names_for(train_args), answer_format_for(train_args))
+
+
+def answer_format_for(train_args):
+    """The answer format the adapter was trained on (train_args.json; checked when it was read):
+    answers are read and grounded with it and no other. Adapters trained before formats existed
+    wrote the seed format."""
+    return train_args.get("answer_format", DEFAULT_ANSWER_FORMAT)
 
 
 def load_from_config(cfg):
@@ -409,8 +417,10 @@ def read_train_args(lora_model):
         train_args = json.loads(args_file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelLoadError(f"{args_file}: not valid JSON ({e}); it is written by training, restore it from there") from None
+    answer_format = check_answer_format(train_args.get("answer_format", DEFAULT_ANSWER_FORMAT),
+                                        f"{args_file}: key 'answer_format'")
     if "label_names" in train_args:
-        check_label_names(train_args["label_names"], args_file)
+        check_label_names(train_args["label_names"], args_file, answer_format)
     style = train_args.get("prompt_style", "alpaca")
     expected = PROMPT_STYLES.get(style)
     if expected is None or train_args.get("prompt_id", expected) != expected:

@@ -12,11 +12,13 @@ into windows at sentence ends; every character is read, and offsets refer to the
 from pathlib import Path
 
 from config_utils import ConfigError, check_writable, parse_config, run_cli
-from dataset import (COLUMN_DEFAULTS, NO_ENTITY, QUERY_PREFIX, DataError, PromptEncoder, load_data, read_text, sentence_of,
-                     write_jsonl)
-from metrics import mention_spans, parse_answer
+from answer_format import NO_ENTITY, copy_text, parse
+from dataset import (COLUMN_DEFAULTS, QUERY_PREFIX, DataError, PromptEncoder, encode_text, load_data, read_text,
+                     sentence_of, write_jsonl)
+from metrics import mention_spans
 from generation import ner_generate
-from model_utils import INFER_DEFAULTS, check_infer_config, instruct_for, label_names_for, load_from_config, recorded_args
+from model_utils import (INFER_DEFAULTS, answer_format_for, check_infer_config, instruct_for, label_names_for,
+                         load_from_config, recorded_args)
 
 DEFAULTS = {
     **INFER_DEFAULTS,
@@ -131,14 +133,19 @@ def entity_offsets(text, entities):
 
 
 def windowed(records, tokenizer, train_args, max_new_tokens, context):
-    """Records whose prompt would not fit -> one record per window; returns (records, owner index, start)."""
+    """Records whose prompt would not fit -> one record per window; returns (records, owner index, start).
+    An inline answer copies its window, so there the window's copy must fit too."""
     encoder = PromptEncoder(train_args, tokenizer)
     # What the model was trained to read (max_seq_length), and never past its context window.
     budget = min(encoder.max_seq_length, context) - max_new_tokens
+    copies = answer_format_for(train_args) == "inline"
     pieces, owners, starts = [], [], []
     for n, rec in enumerate(records):
         text = sentence_of(rec["query"])
-        fits = lambda piece, rec=rec: len(encoder.prompt_ids(rec["instruct"], QUERY_PREFIX + piece)) <= budget
+
+        def fits(piece, rec=rec):
+            copy = len(encode_text(tokenizer, copy_text(piece))) if copies else 0
+            return len(encoder.prompt_ids(rec["instruct"], QUERY_PREFIX + piece)) + copy <= budget
         if not fits(text[:MIN_WINDOW_CHARS]):
             raise ConfigError(
                 f"max_new_tokens={max_new_tokens} leaves fewer than {MIN_WINDOW_CHARS} characters of text per window "
@@ -151,11 +158,24 @@ def windowed(records, tokenizer, train_args, max_new_tokens, context):
     return pieces, owners, starts
 
 
+def joined_output(answer_format, outputs):
+    """The answers of a text's windows as one: the seed format's lines with the windows that found
+    nothing left out, the typed format's lines of every window, the inline copies joined back
+    into the marked text."""
+    if answer_format == "inline":
+        return "".join(outputs)
+    if answer_format == "typed":
+        return "\n".join(outputs)
+    found = [o for o in outputs if o.strip() and o.strip() != NO_ENTITY]
+    return "\n".join(found) if found else NO_ENTITY
+
+
 def main(argv=None):
     cfg = parse_config(DEFAULTS, argv)
     check_infer_config(cfg)
     recorded = recorded_args(cfg)
     label_names = label_names_for(recorded)
+    answer_format = answer_format_for(recorded)
     records = read_inputs(cfg, cfg.instruct or instruct_for(recorded))
     if cfg.limit > 0:
         records = records[:cfg.limit]
@@ -176,14 +196,13 @@ def main(argv=None):
         result["windows"] += 1
         result["outputs"].append(output)
         window_text = sentence_of(piece["query"])
-        for span in entity_offsets(window_text, parse_answer(output, label_names).entities):
+        for span in entity_offsets(window_text, parse(answer_format, output, window_text, label_names).entities):
             if span["begin"] >= 0:
                 span["begin"] += start
                 span["end"] += start
             result["entities"].append(span)
     for rec, result in zip(records, results):
-        found = [o for o in result.pop("outputs") if o.strip() and o.strip() != NO_ENTITY]
-        result["output"] = "\n".join(found) if found else NO_ENTITY
+        result["output"] = joined_output(answer_format, result.pop("outputs"))
         print("=" * 100)
         print(f"文本 >>>  {result['text']}")
         if result["windows"] > 1:

@@ -27,8 +27,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from config_utils import ConfigError, parse_config, run_cli
-from dataset import (DATA_INFO_FILE, QUERY_PREFIX, DataError, format_answer, label_name_problem, ner_instruct,
-                     read_text, write_json, write_jsonl)
+from answer_format import ANSWER_FORMATS, entity_problem, label_name_problem, ner_instruct, write_answer
+from dataset import DATA_INFO_FILE, QUERY_PREFIX, DataError, read_text, write_json, write_jsonl
 
 MSRA_TRAIN_SENTENCES = 50658  # sentences 0..50657 of msra.txt are the standard training text
 
@@ -39,7 +39,8 @@ DEFAULTS = {
     "test_file": "",  # optional test corpus for --train_file; "" = no test split
     "format": "auto",  # auto | tags (BIO/BIOES/BMES char-per-line) | jsonl (ori_data)
     "label_names": "PER:人名,LOC:地名,ORG:机构名",  # tag type -> name used in answers (saved in data_info.json)
-    "instruct": "",  # the instruction before every sentence; "" = the standard one naming label_names
+    "instruct": "",  # the instruction before every sentence; "" = the standard one of answer_format naming label_names
+    "answer_format": "seed",  # how answers list entities: seed (实体_类型 lines), typed (a line per type), inline (marked copy)
     "dev_size": 1000,  # sentences held out of training for the dev split
     "seed": 42,  # fixes the dev holdout
     "overwrite": False,  # True: replace a data folder made with another label set or other splits
@@ -49,9 +50,9 @@ SPLITS = ("train", "dev", "test")
 _TAG = re.compile(r"^(O|([BIMES])-(\S+))$")
 
 
-def parse_label_names(text):
+def parse_label_names(text, answer_format="seed"):
     """`PER:人名,LOC:地名` -> {"PER": "人名", "LOC": "地名"}; every code and name non-empty and unique,
-    since an answer line `实体_名称` must map back to exactly one type."""
+    since an answer must map back to exactly one type, and each name writable in `answer_format`."""
     names = {}
     for item in text.split(","):
         code, sep, name = (s.strip() for s in item.partition(":"))
@@ -61,8 +62,9 @@ def parse_label_names(text):
             raise ConfigError(f"config key 'label_names': type {code!r} is given twice")
         if name in names.values() or name in names:
             raise ConfigError(f"config key 'label_names': name {name!r} is used for two types")
-        if label_name_problem(name):
-            raise ConfigError(f"config key 'label_names': name {name!r} cannot be used: {label_name_problem(name)}")
+        problem = label_name_problem(name, answer_format)
+        if problem:
+            raise ConfigError(f"config key 'label_names': name {name!r} cannot be used: {problem}")
         names[code] = name
     return names
 
@@ -148,15 +150,17 @@ def decode_tags(tags, bioes=None):
 
 
 def read_tagged(path, label_names):
-    """Character-per-line tag file -> list of sentences {text, entities, repair counts}."""
-    raw, chars, tags = [], [], []
+    """Character-per-line tag file -> list of sentences {text, entities, repair counts, line}."""
+    raw, chars, tags, first = [], [], [], 0
     for lineno, line in _lines(path):
         parts = line.split()
         if not parts:
             if chars:
-                raw.append(("".join(chars), tags))
+                raw.append(("".join(chars), tags, first))
                 chars, tags = [], []
             continue
+        if not chars:
+            first = lineno
         if len(parts) != 2:
             raise DataError(f"{path}:{lineno}: expected 'character tag', got {line.strip()!r}")
         char, tag = parts
@@ -171,18 +175,18 @@ def read_tagged(path, label_names):
         chars.append(char)
         tags.append(tag)
     if chars:
-        raw.append(("".join(chars), tags))
+        raw.append(("".join(chars), tags, first))
     # One scheme per file: a BMES sentence whose only entity is an unclosed B-M run is still BMES.
-    bioes = any(is_bioes(t) for _, t in raw)
+    bioes = any(is_bioes(t) for _, t, _ in raw)
     sentences = []
-    for text, sentence_tags in raw:
+    for text, sentence_tags, first in raw:
         entities, repairs = decode_tags(sentence_tags, bioes)
-        sentences.append({"text": text, "entities": entities, **repairs})
+        sentences.append({"text": text, "entities": entities, "line": first, **repairs})
     return sentences
 
 
 def read_jsonl(path, label_names):
-    """ori_data JSONL -> sentences; offsets are checked against the text."""
+    """ori_data JSONL -> sentences {text, entities, line}; offsets are checked against the text."""
     sentences = []
     for lineno, line in _lines(path):
         if not line.strip():
@@ -208,7 +212,7 @@ def read_jsonl(path, label_names):
             raise DataError(f"{where}: not valid JSON ({err.msg})") from None
         except (KeyError, TypeError) as err:
             raise DataError(f"{where}: missing or malformed field {err}") from None
-        sentences.append({"text": text, "entities": entities})
+        sentences.append({"text": text, "entities": entities, "line": lineno})
     return sentences
 
 
@@ -256,11 +260,20 @@ def ori_record(sentence):
     ]}
 
 
-def instruct_record(sentence, instruct, label_names):
+def instruct_record(sentence, instruct, label_names, answer_format="seed"):
     text = sentence["text"]
-    # Answer order: first appearance in the text, duplicates removed (format_answer dedups).
-    ents = [(text[b:e], t) for b, e, t in sorted(sentence["entities"])]
-    return {"instruct": instruct, "query": QUERY_PREFIX + text, "answer": format_answer(ents, label_names)}
+    return {"instruct": instruct, "query": QUERY_PREFIX + text,
+            "answer": write_answer(answer_format, text, sentence["entities"], label_names)}
+
+
+def check_writable_answers(sentences, answer_format, where):
+    """Every sentence's entities can be written in `answer_format` and read back as they are;
+    else one line naming the sentence's file and line (`where`: the corpus for this split)."""
+    for n, sentence in enumerate(sentences):
+        problem = entity_problem(answer_format, sentence["text"], sentence["entities"])
+        if problem:
+            raise DataError(f"{where}:{sentence.get('line', n + 1)}: {problem}; fix the corpus or choose another "
+                            f"--answer_format ({', '.join(ANSWER_FORMATS)})")
 
 
 def _write_jsonl(path, records):
@@ -286,10 +299,11 @@ def check_output_folder(out, info, splits, overwrite):
             old = json.loads(read_text(info_file))
         except json.JSONDecodeError:
             old = {}
-        differs = not isinstance(old, dict) or any(old.get(k) != info[k] for k in ("label_names", "instruct"))
+        differs = not isinstance(old, dict) or any(old.get(k, "seed" if k == "answer_format" else None) != info[k]
+                                                    for k in ("label_names", "instruct", "answer_format"))
     if (stale or differs) and not overwrite:
         what = (f"the {', '.join(sorted({p.stem for p in stale}))} split this run does not make" if stale else
-                f"data of another label set or instruction ({info_file})")
+                f"data of another label set, instruction or answer format ({info_file})")
         raise ConfigError(f"{out} already holds {what}; pass --overwrite=True to replace every file of it, or "
                           f"another --data_name")
     return stale
@@ -297,8 +311,10 @@ def check_output_folder(out, info, splits, overwrite):
 
 def main(argv=None):
     cfg = parse_config(DEFAULTS, argv)
-    label_names = parse_label_names(cfg.label_names)
-    instruct = cfg.instruct or ner_instruct(label_names)
+    if cfg.answer_format not in ANSWER_FORMATS:
+        raise ConfigError(f"config key 'answer_format': {cfg.answer_format!r} is not one of {', '.join(ANSWER_FORMATS)}")
+    label_names = parse_label_names(cfg.label_names, cfg.answer_format)
+    instruct = cfg.instruct or ner_instruct(label_names, cfg.answer_format)
     if cfg.train_file:
         train_all = read_corpus(cfg.train_file, cfg.format, label_names)
         test = read_corpus(cfg.test_file, cfg.format, label_names) if cfg.test_file else None
@@ -309,13 +325,16 @@ def main(argv=None):
         train_all, test = sentences[:MSRA_TRAIN_SENTENCES], sentences[MSRA_TRAIN_SENTENCES:]
     if not train_all:
         raise DataError(f"{cfg.train_file or msra_path()}:1: no sentences found")
+    check_writable_answers(train_all, cfg.answer_format, cfg.train_file or msra_path())
+    if test is not None:
+        check_writable_answers(test, cfg.answer_format, cfg.test_file or msra_path())
     train, dev = split_train_dev(train_all, cfg.dev_size, cfg.seed)
     splits = {"train": train, "dev": dev}
     if test is not None:
         splits["test"] = test
 
     out = Path(cfg.data_root) / cfg.data_name
-    info = {"label_names": label_names, "instruct": instruct}
+    info = {"label_names": label_names, "instruct": instruct, "answer_format": cfg.answer_format}
     stale = check_output_folder(out, info, splits, cfg.overwrite)
     try:
         (out / "ori_data").mkdir(parents=True, exist_ok=True)
@@ -328,7 +347,7 @@ def main(argv=None):
     for name, sents in splits.items():
         pending.append((_write_jsonl(out / "ori_data" / f"{name}.txt", map(ori_record, sents)),
                         out / "ori_data" / f"{name}.txt"))
-        records = (instruct_record(s, instruct, label_names) for s in sents)
+        records = (instruct_record(s, instruct, label_names, cfg.answer_format) for s in sents)
         pending.append((_write_jsonl(out / "instruct_data" / f"{name}.txt", records),
                         out / "instruct_data" / f"{name}.txt"))
     for tmp, final in pending:

@@ -17,11 +17,13 @@ import random
 import time
 from pathlib import Path
 
+from answer_format import DEFAULT_ANSWER_FORMAT, parse
 from config_utils import ConfigError, check_writable, parse_config, run_cli
-from dataset import DataError, columns_of, load_data, read_text, sentence_of, write_json, write_jsonl
-from metrics import bootstrap_f1, format_table, mention_spans, parse_answer, score, score_mentions
+from dataset import DataError, columns_of, load_data, read_data_info, read_text, sentence_of, write_json, write_jsonl
+from metrics import bootstrap_f1, format_table, mention_spans, score, score_mentions
 from model_utils import (
     INFER_DEFAULTS,
+    answer_format_for,
     check_infer_config,
     label_names_for,
     load_from_config,
@@ -40,20 +42,31 @@ DEFAULTS = {
 }
 
 
-def gold_answers(records, linenos, answer_col, label_names, test_path):
-    """Parse every gold answer with the label set; a line it cannot read is an error, never a
-    silently smaller gold set (a type missing from the label set would lower recall unseen)."""
+def gold_answers(records, linenos, texts, answer_col, label_names, test_path, answer_format):
+    """Parse every gold answer with the label set and answer format; a part it cannot read is an
+    error, never a silently smaller gold set (a type missing from the label set would lower
+    recall unseen)."""
     golds = []
-    for rec, lineno in zip(records, linenos):
-        gold = parse_answer(rec[answer_col], label_names)
+    for rec, lineno, text in zip(records, linenos, texts):
+        gold = parse(answer_format, rec[answer_col], text, label_names)
         if gold.bad_lines:
             raise DataError(
-                f"{test_path}:{lineno}: answer line {gold.bad_lines[0]!r} is not '实体_类型' with a type of "
-                f"this label set ({', '.join(label_names.values())}); process the data and train with the same "
-                f"--label_names"
+                f"{test_path}:{lineno}: answer part {gold.bad_lines[0]!r} cannot be read as a {answer_format}-format "
+                f"answer with a type of this label set ({', '.join(label_names.values())}); process the data and "
+                f"train with the same --label_names and --answer_format"
             )
         golds.append(gold)
     return golds
+
+
+def check_data_format(test_path, answer_format):
+    """The test data must be written in the adapter's answer format: its prompts carry that
+    format's instruction, and the model answers in the format it learnt."""
+    data_format = (read_data_info(test_path) or {}).get("answer_format", DEFAULT_ANSWER_FORMAT)
+    if data_format != answer_format:
+        raise DataError(f"{test_path}: its data is in the {data_format} answer format (data_info.json beside it) but "
+                        f"the adapter was trained on {answer_format}; process the test data with "
+                        f"--answer_format={answer_format} (into another --data_name) and pass that test_path")
 
 
 def gold_spans(test_path, linenos, texts):
@@ -114,8 +127,10 @@ def main(argv=None):
         keep = sorted(random.Random(cfg.seed).sample(range(len(records)), cfg.sample))  # file order kept
         records, linenos = [records[i] for i in keep], [linenos[i] for i in keep]
     label_names = label_names_for(recorded, cfg.test_path)
-    golds = gold_answers(records, linenos, answer_col, label_names, cfg.test_path)
+    answer_format = answer_format_for(recorded)
+    check_data_format(cfg.test_path, answer_format)
     texts = [sentence_of(rec[query_col]) for rec in records]
+    golds = gold_answers(records, linenos, texts, answer_col, label_names, cfg.test_path, answer_format)
     spans = gold_spans(cfg.test_path, linenos, texts)
     out_dir = prepare_output_dir(cfg)
     model, tokenizer, train_args = load_from_config(cfg)
@@ -130,7 +145,7 @@ def main(argv=None):
 
     examples, rows = [], []
     for text, rec, gold, output in zip(texts, records, golds, outputs):
-        pred = parse_answer(output, label_names)
+        pred = parse(answer_format, output, text, label_names)
         examples.append({"text": text, "gold": gold.entities, "pred": pred.entities,
                          "bad_lines": len(pred.bad_lines)})
         rows.append({"text": text, "answer": rec[answer_col], "output": output,
@@ -145,7 +160,7 @@ def main(argv=None):
                    eos_penalty=cfg.eos_penalty if cfg.grounded else None,
                    examples_per_second=len(records) / elapsed, queries_shortened=shortened,
                    test_path=str(cfg.test_path), lora_model=None if cfg.no_adapter else str(cfg.lora_model),
-                   label_names=label_names)
+                   label_names=label_names, answer_format=answer_format)
     metrics["mention"] = score_mentions(examples, label_names)
     metrics["mention"]["gold_spans"] = "annotated spans (ori_data)" if spans else "every occurrence of each gold string"
     write_json(out_dir / "metrics.json", metrics)

@@ -14,8 +14,8 @@ import torch
 
 from build import ALL_LINEAR, load_datasets_checked, training_device, training_dtype
 from config_utils import ConfigError, parse_config
-from dataset import (COLUMN_DEFAULTS, DEFAULT_LABEL_NAMES, PROMPT_STYLES, check_prompt_style, read_data_info,
-                     staged_folder, write_json)
+from answer_format import DEFAULT_ANSWER_FORMAT, DEFAULT_LABEL_NAMES
+from dataset import COLUMN_DEFAULTS, PROMPT_STYLES, check_prompt_style, read_data_info, staged_folder, write_json
 from model_utils import TRAIN_ARGS_FILE, check_model_dir, check_quantization, meta_model
 from run_folder import output_dir, save_dir_lock
 
@@ -150,12 +150,13 @@ def check_target_modules(linear, names):
 
 def resolved_args(cfg, tokenizer):
     """What inference needs beside the adapter: the whole config plus vocabulary, prompt id, and
-    the label set and instruction process.py recorded beside the training data."""
+    the label set, instruction and answer format process.py recorded beside the training data."""
     args = cfg.to_dict()
     args.pop("local_rank", None)
     info = read_data_info(cfg.train_path) or {}
     args.update(vocab_size=len(tokenizer), prompt_id=PROMPT_STYLES[cfg.prompt_style],
-                label_names=info.get("label_names", DEFAULT_LABEL_NAMES), instruct=info.get("instruct", ""))
+                label_names=info.get("label_names", DEFAULT_LABEL_NAMES), instruct=info.get("instruct", ""),
+                answer_format=info.get("answer_format", DEFAULT_ANSWER_FORMAT))
     return args
 
 

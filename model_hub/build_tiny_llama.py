@@ -25,7 +25,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from config_utils import ConfigError, parse_config, run_cli  # noqa: E402
-from dataset import DEFAULT_INSTRUCT, QUERY_PREFIX, build_prompt, share_files  # noqa: E402
+from answer_format import DEFAULT_INSTRUCT  # noqa: E402
+from dataset import QUERY_PREFIX, build_prompt, share_files  # noqa: E402
 
 DEFAULTS = {
     "output_dir": str(ROOT / "model_hub" / "tiny-llama"),

@@ -6,7 +6,8 @@ only the logits of the tokens a row can allow; neither may change an answer.
 import pytest
 import torch
 
-from dataset import DEFAULT_LABEL_NAMES, PromptEncoder, load_data
+from answer_format import DEFAULT_LABEL_NAMES
+from dataset import PromptEncoder, load_data
 from test_architectures import ARCHS, build
 
 

@@ -4,7 +4,8 @@ import random
 import pytest
 import torch
 
-from dataset import DEFAULT_LABEL_NAMES, load_data
+from answer_format import DEFAULT_LABEL_NAMES
+from dataset import load_data
 
 NAMES = set(DEFAULT_LABEL_NAMES.values())
 SENTENCE = "我们在北京大学见到了李鑫先生。"
@@ -34,9 +35,9 @@ def tokenizer(tiny_model):
 
 @pytest.fixture(scope="module")
 def grammar(tokenizer):
-    from grounding import Grammar, vocab_for
+    from grammar import SeedGrammar, vocab_for
 
-    return Grammar(vocab_for(tokenizer), SENTENCE, DEFAULT_LABEL_NAMES)
+    return SeedGrammar(vocab_for(tokenizer), SENTENCE, DEFAULT_LABEL_NAMES)
 
 
 def run(grammar, *texts):
@@ -61,7 +62,7 @@ def complete(grammar, *texts):
 
 
 def test_token_bytes_decode_like_the_tokenizer(tokenizer):
-    from grounding import vocab_for
+    from grammar import vocab_for
 
     vocab = vocab_for(tokenizer)
     rng = random.Random(0)
@@ -150,7 +151,7 @@ def test_leading_space_and_spaces_inside_lines(grammar):
 
 
 def test_byte_tokens_inside_an_entity(grammar, tokenizer):
-    from grounding import vocab_for
+    from grammar import vocab_for
 
     byte = {b: vocab_for(tokenizer).ids_of[bytes([b])] for b in "鑫".encode()}
     assert all(byte.values())  # byte fallback gives a token for each byte of 鑫
@@ -202,7 +203,7 @@ def explore():
 
 
 def test_mid_answer_a_broken_first_choice_ends_the_answer(tiny_model):
-    from grounding import Grammar, vocab_for
+    from grammar import SeedGrammar, vocab_for
     from model_utils import load_tokenizer
 
     tok = load_tokenizer(tiny_model)
@@ -215,7 +216,7 @@ def test_mid_answer_a_broken_first_choice_ends_the_answer(tiny_model):
     assert _best(_processor(tok, SENTENCE, 16), bei, jing + foreign, n) == jing[0]
     assert _best(_processor(tok, SENTENCE, 16), bei, foreign + jing, n) == tok.eos_token_id
     # What was generated up to there is cut back to complete lines.
-    grammar = Grammar(vocab_for(tok), SENTENCE, DEFAULT_LABEL_NAMES)
+    grammar = SeedGrammar(vocab_for(tok), SENTENCE, DEFAULT_LABEL_NAMES)
     assert grammar.finish("北京_地名\n北") == "北京_地名"
     assert grammar.finish("北") == "没有"
 
@@ -264,7 +265,8 @@ def test_eos_penalty_moves_only_the_end_of_the_list(tokenizer, policy, restricte
     """After a complete line the model ranks EOS 1.0 above a newline: EOS stands until the
     penalty exceeds that margin. Mid-line the choice is the same with or without a penalty.
     Scores over the whole vocabulary or only the grammar's tokens."""
-    from grounding import Grounding, answer_states, vocab_for
+    from grammar import vocab_for
+    from grounding import Grounding, answer_states
 
     vocab = vocab_for(tokenizer)
     newline = vocab.ids_of[b"\n"][0]
@@ -325,7 +327,7 @@ def _generate(base_model, records, grounded, **options):
 
 
 def test_random_model_answers_are_grounded_by_default(base_model, test30):
-    from metrics import parse_answer
+    from answer_format import parse_answer
 
     sentences = [r["query"].removeprefix("文本：") for r in test30]
     for output, sentence in zip(_generate(base_model, test30, True), sentences):
@@ -335,7 +337,7 @@ def test_random_model_answers_are_grounded_by_default(base_model, test30):
 
 
 def test_random_model_answers_are_grounded(base_model, test30, explore):
-    from metrics import parse_answer
+    from answer_format import parse_answer
 
     sentences = [r["query"].removeprefix("文本：") for r in test30]
     plain = _generate(base_model, test30, False)

@@ -9,7 +9,8 @@ import time
 import pytest
 
 from conftest import PYTHON, ROOT, load_script, run_cmd
-from dataset import DEFAULT_LABEL_NAMES, NerCollate, load_data
+from answer_format import DEFAULT_LABEL_NAMES
+from dataset import NerCollate, load_data
 
 NAME_TO_TYPE = {name: code for code, name in DEFAULT_LABEL_NAMES.items()}
 

@@ -8,8 +8,8 @@ import json
 import pytest
 from pytest import approx
 
-from dataset import format_answer
-from metrics import ParsedAnswer, classify_mentions, format_table, mention_spans, parse_answer, score, score_mentions
+from answer_format import ParsedAnswer, format_answer, parse_answer
+from metrics import classify_mentions, format_table, mention_spans, score, score_mentions
 
 
 # --------------------------------------------------------------------------- parse_answer

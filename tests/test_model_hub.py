@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import ROOT
-from dataset import DEFAULT_INSTRUCT, PROMPT_ID, PROMPT_TEMPLATE, QUERY_PREFIX, encode_prompt
+from answer_format import DEFAULT_INSTRUCT
+from dataset import PROMPT_ID, PROMPT_TEMPLATE, QUERY_PREFIX, encode_prompt
 from model_hub import convert_llama_weights_to_hf as convert
 from model_hub import merge_llama_with_chinese_lora as merge
 from model_utils import load_model_and_tokenizer

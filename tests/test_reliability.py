@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from conftest import MEMORISE, PYTHON, ROOT, as_argv, free_port, load_script, run_cmd
-from dataset import DEFAULT_INSTRUCT, QUERY_PREFIX, load_data, sentence_of
+from answer_format import DEFAULT_INSTRUCT
+from dataset import QUERY_PREFIX, load_data, sentence_of
 
 # A short training run on the 16 memorisation examples: seconds, not minutes.
 QUICK = {"lora_dropout": 0.0, "train_batch_size": 4, "max_steps": 2, "save_steps": 2, "eval_steps": 0,
@@ -136,7 +137,7 @@ def test_training_records_the_label_set_and_test_scores_it(tmp_path, tiny_model)
 
 
 def test_model_answer_with_unknown_type_is_unparseable_not_dropped():
-    from metrics import parse_answer
+    from answer_format import parse_answer
 
     names = {"PER": "人名", "GPE": "政治实体"}
     parsed = parse_answer("张三_人名\n美国_政治实体\n北京_地名", names)

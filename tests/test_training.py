@@ -312,18 +312,30 @@ def test_fresh_start_refuses_then_clears_an_earlier_runs_checkpoints(tmp_path, t
 # ------------------------------------------------------------- sentences without entities
 
 def test_keep_no_entity_keeps_every_entity_sentence_and_a_seeded_share_of_the_rest():
-    from build import keep_no_entity
-    records = [{"answer": f"城市{i}_地名" if i % 4 == 0 else "没有", "id": i} for i in range(2000)]
+    from build import keep_no_entity as keep
+    records = [{"query": f"文本：城市{i}", "answer": f"城市{i}_地名" if i % 4 == 0 else "没有", "id": i}
+               for i in range(2000)]
     with_entities = [r for r in records if r["answer"] != "没有"]
-    kept = keep_no_entity(records, 0.5, "answer", seed=7)
+    columns, seed_info = ("instruct", "query", "answer"), {}  # data folders without a format: seed
+
+    def keep_no_entity(records, fraction, seed, info=seed_info):
+        return keep(records, fraction, columns, seed, info)
+
+    kept = keep_no_entity(records, 0.5, seed=7)
     assert [r for r in kept if r["answer"] != "没有"] == with_entities
     assert [r["id"] for r in kept] == sorted(r["id"] for r in kept)  # file order
     none = sum(r["answer"] == "没有" for r in kept)
     assert abs(none - 750) < 4 * (1500 * 0.25) ** 0.5  # binomial(1500, 0.5): mean 750, sd 19
-    assert keep_no_entity(records, 0.5, "answer", seed=7) == kept
-    assert keep_no_entity(records, 0.5, "answer", seed=8) != kept
-    assert keep_no_entity(records, 0.0, "answer", seed=7) == with_entities
-    assert keep_no_entity(records, 1.0, "answer", seed=7) == records
+    assert keep_no_entity(records, 0.5, seed=7) == kept
+    assert keep_no_entity(records, 0.5, seed=8) != kept
+    assert keep_no_entity(records, 0.0, seed=7) == with_entities
+    assert keep_no_entity(records, 1.0, seed=7) == records
+    # The same sentences written in the other formats: the same sentences are kept.
+    for fmt, answer in (("typed", lambda i: f"人名：没有\n地名：城市{i}\n机构名：没有"), ("inline", lambda i: f"[城市{i}|地名]")):
+        other = [{**r, "answer": answer(r["id"]) if r["answer"] != "没有" else
+                  ("人名：没有\n地名：没有\n机构名：没有" if fmt == "typed" else r["query"][3:])} for r in records]
+        again = keep_no_entity(other, 0.5, seed=7, info={"answer_format": fmt})
+        assert [r["id"] for r in again] == [r["id"] for r in kept]
 
 
 def test_no_entity_fraction_trains_on_the_sentences_with_entities(tmp_path, tiny_model, train16, capsys):

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from dataset import DEFAULT_SYSTEM, NerCollate, PromptEncoder
-from metrics import parse_answer, score, score_mentions
+from answer_format import parse_answer
+from metrics import score, score_mentions
 from report import write_report
 from test_report import chromium
 
@@ -98,13 +99,13 @@ def base_model(tiny_model):
 
 
 def test_grammar_and_parser_agree_on_line_breaks(base_model):
-    from grounding import Grammar, vocab_for
+    from grammar import SeedGrammar, vocab_for
 
     _, tokenizer = base_model
     for brk in BREAKS:
         sentence = f"我们在北{brk}京大学见到了李鑫。"
         names = {"PER": f"人{brk}名", "LOC": "地名"}
-        grammar = Grammar(vocab_for(tokenizer), sentence, names)
+        grammar = SeedGrammar(vocab_for(tokenizer), sentence, names)
         answer = f"北{brk}京_地名\n李鑫_人{brk}名"
         state = grammar.step(grammar.start, answer.encode())
         assert state is not None and grammar.cost(state) == 0  # the grammar takes it as complete
