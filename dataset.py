@@ -8,13 +8,15 @@ import json
 import os
 import random
 import shutil
+import signal
 import tempfile
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from config_utils import UserError
+from config_utils import UserError, note_written
 
 # Every prompt format lives here, selected by the `prompt_style` recorded beside each adapter.
 # alpaca: Chinese-Alpaca's template, as taishan1994/Chinese-LLaMA-Alpaca-LoRA-Tuning trained with it (the default).
@@ -152,19 +154,72 @@ def read_text(path, what="file"):
     return text.removeprefix("\ufeff")
 
 
-def atomic_write_text(path, text):
-    """Write a file through a temporary name and a rename: readers see the old file or the whole
-    new one, never a partial one, and a failure (disk full, Ctrl-C) leaves the old file as it was."""
+def _staged_text(path, text):
+    """`text` written whole to a temporary file beside `path` (hidden, same folder, so that a
+    rename puts it in place); returns the temporary file's path."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
             f.write(text)
         share_files(tmp)  # mkstemp makes it private; outputs are meant to be read by others
-        os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return Path(tmp)
+
+
+def atomic_write_text(path, text):
+    """Write a file through a temporary name and a rename: readers see the old file or the whole
+    new one, never a partial one, and a failure (disk full, Ctrl-C) leaves the old file as it was."""
+    commit_files([(path, text)])
+
+
+@contextmanager
+def _signals_held(signums=(signal.SIGINT, signal.SIGTERM)):
+    """Ctrl-C and kill (SIGTERM) wait until the block ends, then act as they would have: a few
+    renames are not split by them. Only the main thread can set handlers; elsewhere as is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending, saved = [], {}
+    for signum in signums:
+        if signal.getsignal(signum) not in (signal.SIG_IGN, None):
+            saved[signum] = signal.signal(signum, lambda received, frame: pending.append(received))
+    try:
+        yield
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+        for signum in dict.fromkeys(pending):
+            signal.raise_signal(signum)
+
+
+def commit_files(files):
+    """Write several files as one output, [(path, text), ...], the last the mark of a complete
+    set (test.py: metrics.json). Each is first written whole under a temporary name beside its
+    place (the slow part, which an interruption or a full disk stops with nothing replaced);
+    then, with Ctrl-C and SIGTERM held back, the earlier mark is moved aside, the files are
+    renamed into place, the mark last, and the earlier mark removed. Where the mark stands, the
+    files beside it are its run's; an interrupted run leaves the earlier files as they were."""
+    files = [(Path(path), text) for path, text in files]
+    staged = []
+    try:
+        for path, text in files:
+            staged.append((_staged_text(path, text), path))
+        with _signals_held():
+            mark = staged[-1][1]
+            aside = mark.with_name(f".{mark.name}-earlier-{os.getpid()}") if len(staged) > 1 and mark.exists() else None
+            if aside is not None:
+                os.replace(mark, aside)
+            for tmp, path in staged:
+                os.replace(tmp, path)
+            note_written([path for _, path in staged])
+            if aside is not None:
+                aside.unlink()
+    finally:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)  # a file not renamed because an earlier one failed
 
 
 def _umask():
@@ -217,14 +272,24 @@ def check_prompt_style(style, tokenizer=None):
     return style
 
 
+def jsonl_text(rows):
+    """One JSON object per line (UTF-8, not escaped)."""
+    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+
+
+def json_text(data):
+    """One JSON document (UTF-8, not escaped, indented)."""
+    return json.dumps(data, ensure_ascii=False, indent=2) + "\n"
+
+
 def write_jsonl(path, rows):
-    """One JSON object per line (UTF-8, not escaped), written atomically."""
-    atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    """jsonl_text, written atomically."""
+    atomic_write_text(path, jsonl_text(rows))
 
 
 def write_json(path, data):
-    """One JSON document (UTF-8, not escaped, indented), written atomically."""
-    atomic_write_text(path, json.dumps(data, ensure_ascii=False, indent=2) + "\n")
+    """json_text, written atomically."""
+    atomic_write_text(path, json_text(data))
 
 
 def _render_chat(tokenizer, instruction):

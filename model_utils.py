@@ -83,6 +83,19 @@ def instruct_for(train_args):
     return train_args.get("instruct") or ner_instruct(label_names_for(train_args))
 
 
+def loaded_as(model, adapter=None):
+    """What a loaded model is, read from the model itself (what an evaluation records beside its
+    scores): the base model folder it was loaded from, the dtype it computes in, bitsandbytes'
+    quantization of its layers, and, for an adapter, whether it was folded into the weights."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    kinds = {type(m).__name__ for m in base.modules() if type(m).__module__.startswith("bitsandbytes")}
+    quantization = "4bit" if "Linear4bit" in kinds else "8bit" if "Linear8bitLt" in kinds else "none"
+    dtype = next((p.dtype for p in base.parameters() if p.is_floating_point()), None)
+    is_adapter = adapter is not None and not is_full_model(adapter)
+    return {"base_model": base.name_or_path, "dtype": str(dtype).removeprefix("torch."), "quantization": quantization,
+            "merge_lora": (not hasattr(model, "get_base_model")) if is_adapter else None}
+
+
 def load_from_config(cfg):
     """load_for_inference driven by INFER_DEFAULTS keys; returns model, tokenizer, train_args."""
     return load_for_inference(

@@ -108,6 +108,12 @@ def write_report(path, metrics, examples):
     metrics.score_mentions. Writes one HTML file and returns its path."""
     from dataset import atomic_write_text
 
+    atomic_write_text(path, render_report(metrics, examples))
+    return path
+
+
+def render_report(metrics, examples):
+    """The report page's text (write_report writes it; test.py commits it with its other outputs)."""
     mention = metrics["mention"]
     errors = mention["errors_per_type"]
     confusion = mention["confusion"]
@@ -146,5 +152,4 @@ Unparseable answer lines: {metrics['unparseable_lines']}; predicted strings not 
 <script>{SCRIPT}</script>
 </body></html>
 """
-    atomic_write_text(path, page)
-    return path
+    return page

@@ -32,6 +32,39 @@ ADAPTER_DIR = "adapter_model"  # finetuning=lora: <save_dir>/adapter_model/ (ada
 MODEL_DIR = "model"  # finetuning=full: <save_dir>/model/ (whole model, loadable wherever an adapter folder is)
 
 
+# test.py's outputs, metrics.json last: it marks a complete evaluation (dataset.commit_files).
+EVAL_OUTPUTS = ("predictions.jsonl", "report.html", "metrics.json")
+
+
+def default_eval_dir(model_folder, test_path):
+    """Where test.py writes an evaluation unless told: beside the adapter (or model) folder, never
+    in it, since the run's next export (a resume, an overwrite) replaces that folder whole:
+    <save_dir>/eval_<test file> for a training run's export, else <folder>-eval_<test file>."""
+    folder, stem = Path(model_folder), Path(test_path).stem
+    if folder.name in (ADAPTER_DIR, MODEL_DIR):
+        return folder.parent / f"eval_{stem}"
+    return folder.with_name(f"{folder.name}-eval_{stem}")
+
+
+def move_evaluation(folder):
+    """Move an evaluation test.py wrote into `folder` (an export about to be replaced) to a new
+    folder beside it and say where; returns that folder, or None when there is none."""
+    found = [name for name in EVAL_OUTPUTS if (Path(folder) / name).is_file()]
+    if not found:
+        return None
+    base = default_eval_dir(folder, "earlier")
+    dest, n = base, 1
+    while dest.exists():
+        n += 1
+        dest = base.with_name(f"{base.name}-{n}")
+    dest.mkdir(parents=True)
+    for name in found:
+        os.replace(Path(folder) / name, dest / name)
+    print(f"note: the evaluation in {folder} ({', '.join(found)}) was moved to {dest}: the new export "
+          f"replaces that folder", flush=True)
+    return dest
+
+
 def output_dir(cfg):
     """Where the trained result goes: <save_dir>/adapter_model (lora) or <save_dir>/model (full)."""
     return Path(cfg.save_dir) / (MODEL_DIR if cfg.finetuning == "full" else ADAPTER_DIR)
