@@ -107,7 +107,7 @@ class Chat:
         self.model, self.tokenizer, train_args = load_for_inference(
             args.lora_model or None, model_dir=args.base_model or None, tokenizer_path=args.tokenizer_path or None,
             device="cpu" if args.only_cpu else "auto", trust_remote_code=args.trust_remote_code,
-            quantization=args.quantization, merge_lora=True,
+            quantization=args.quantization, merge_lora=True, prompt_style=args.prompt_style or None,
         )
         recorded = train_args.get("prompt_style", "alpaca")
         if args.prompt_style and train_args and args.prompt_style != recorded:

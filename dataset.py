@@ -7,6 +7,7 @@ trained on.
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import tempfile
@@ -239,20 +240,63 @@ def share_files(path):
     return path
 
 
+def refuse_link(path, what, hint="point it at the real folder or remove the link"):
+    """A folder that staged_folder will replace may not be a symbolic link: the rename would
+    replace the link, not update what it points to. Refused in one line before any work."""
+    path = Path(path)
+    if path.is_symlink():
+        raise UserError(f"{what} is a symbolic link (to {os.readlink(path)}); {hint}")
+
+
+def staging_prefix(path, kind=""):
+    """The name prefix of what a run stages beside `path`: hidden, and holding the run's process
+    id, so that remove_leftovers can tell a killed run's leftovers from a running one's."""
+    return f".{Path(path).name}-{kind}{os.getpid()}-"
+
+
+def _running(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_leftovers(path):
+    """Remove what killed runs staged beside `path` (staging_prefix: a folder being written, an
+    old one moved aside, a conversion's source): a kill -9 gives no run the chance to clean up,
+    so the next one does, leaving alone what a running process stages."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return
+    pattern = re.compile(rf"\.{re.escape(path.name)}-(?:[a-z]+-)?(\d+)(?:-.*)?")
+    for entry in path.parent.iterdir():
+        m = pattern.fullmatch(entry.name)
+        if m and int(m.group(1)) != os.getpid() and not _running(int(m.group(1))):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+
+
 @contextmanager
 def staged_folder(path):
     """A temporary folder beside `path` to write a whole output folder into; when the block
     ends without error it replaces `path` (the old one, if any, moved aside, then removed), and
     on any error it is deleted: readers see the old folder or the complete new one, never a
-    half-written one."""
+    half-written one. What killed runs left beside `path` is removed first."""
     path = Path(path)
+    refuse_link(path, str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    remove_leftovers(path)
+    tmp = Path(tempfile.mkdtemp(prefix=staging_prefix(path), dir=path.parent))
     try:
         yield tmp
         old = None
         if path.exists():
-            old = path.with_name(f".{path.name}-old-{os.getpid()}")
+            old = path.with_name(staging_prefix(path, "old-") + "folder")
             os.replace(path, old)
         share_files(tmp)  # mkdtemp and safetensors' writer make them private; the result is meant to be shared
         os.replace(tmp, path)
@@ -264,11 +308,18 @@ def staged_folder(path):
 
 
 def check_prompt_style(style, tokenizer=None):
+    """A known prompt style; with a tokenizer, chat_template also needs its template to render
+    the user's text (rendered here once, bounded: chat_template.py), before any weights load."""
     if style not in PROMPT_STYLES:
         raise PromptError(f"config key 'prompt_style': {style!r} is not one of {', '.join(PROMPT_STYLES)}")
-    if style == "chat_template" and tokenizer is not None and not getattr(tokenizer, "chat_template", None):
-        raise PromptError("config key 'prompt_style': chat_template needs a tokenizer with a chat template, and "
-                        f"{getattr(tokenizer, 'name_or_path', 'this tokenizer')} has none; use alpaca or llama2_chat")
+    if style == "chat_template" and tokenizer is not None:
+        if not getattr(tokenizer, "chat_template", None):
+            raise PromptError("config key 'prompt_style': chat_template needs a tokenizer with a chat template, and "
+                              f"{getattr(tokenizer, 'name_or_path', 'this tokenizer')} has none; use alpaca or "
+                              f"llama2_chat")
+        from chat_template import chat_parts
+
+        chat_parts(tokenizer, DEFAULT_SYSTEM)
     return style
 
 
@@ -293,12 +344,15 @@ def write_json(path, data):
 
 
 def _render_chat(tokenizer, instruction):
-    user = {"role": "user", "content": instruction}
-    try:
-        return tokenizer.apply_chat_template([{"role": "system", "content": DEFAULT_SYSTEM}, user],
-                                             tokenize=False, add_generation_prompt=True)
-    except Exception:  # templates without a system role (Mistral's) raise on one: the user turn alone
-        return tokenizer.apply_chat_template([user], tokenize=False, add_generation_prompt=True)
+    """The chat template's prompt for `instruction` as the user's turn (DEFAULT_SYSTEM as the
+    system turn where the template has one): rendered once per template in a bounded process
+    around a marker (chat_template.py), the instruction put in the marker's place."""
+    from chat_template import chat_parts, template_source
+
+    prompt = chat_parts(tokenizer, DEFAULT_SYSTEM).around(instruction)
+    if instruction.strip() not in prompt:  # every prompt holds the instruction and the sentence, on every path
+        raise PromptError(f"the chat template in {template_source(tokenizer)} does not write the user's text")
+    return prompt
 
 
 def build_prompt(instruct, query=None, style="alpaca", tokenizer=None):
@@ -346,16 +400,14 @@ def encode_prompt(tokenizer, instruct, query=None, style="alpaca"):
     instruction = instruct if query is None else f"{instruct}\n{query}"
     if not any(t in instruction for t in _special_texts(tokenizer)):
         return tokenizer.encode(_render_chat(tokenizer, instruction), add_special_tokens=False)
-    # The user's text holds what reads as a control token: render the template around a marker
-    # and encode the two sides as the template's, the user's part as text.
-    marker = "\x00user-text\x00"
-    rendered = _render_chat(tokenizer, marker)
-    if rendered.count(marker) != 1:
-        raise PromptError(f"the chat template of {getattr(tokenizer, 'name_or_path', 'this tokenizer')} does not "
-                          f"write the user's text once, verbatim; use prompt_style alpaca or llama2_chat")
-    before, after = rendered.split(marker)
-    return (tokenizer.encode(before, add_special_tokens=False) + encode_text(tokenizer, instruction)
-            + tokenizer.encode(after, add_special_tokens=False))
+    # The user's text holds what reads as a control token: the template's two sides are encoded
+    # as the template's, the user's part as text.
+    from chat_template import chat_parts
+
+    parts = chat_parts(tokenizer, DEFAULT_SYSTEM)
+    return (tokenizer.encode(parts.before, add_special_tokens=False)
+            + encode_text(tokenizer, instruction.strip() if parts.trims else instruction)
+            + tokenizer.encode(parts.after, add_special_tokens=False))
 
 
 def format_answer(entities, label_names=None):

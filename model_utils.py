@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from config_utils import ConfigError, UserError
-from dataset import DEFAULT_LABEL_NAMES, PROMPT_STYLES, check_label_names, ner_instruct, read_data_info
+from dataset import (DEFAULT_LABEL_NAMES, PROMPT_STYLES, check_label_names, check_prompt_style, ner_instruct,
+                     read_data_info)
 from grounding import DEFAULT_POLICY, POLICIES
 
 TRAIN_ARGS_FILE = "train_args.json"
@@ -311,7 +312,7 @@ def load_tokenizer(path, padding_side="left", trust_remote_code=False):
 
 def load_model_and_tokenizer(model_dir, tokenizer_path=None, lora_model=None, dtype="auto",
                              device="auto", trust_remote_code=False, is_trainable=False, tokenizer=None,
-                             quantization="none"):
+                             quantization="none", prompt_style=None):
     """Base model (+ optional LoRA adapter) and its tokenizer, ready on `device`.
 
     `quantization` 4bit or 8bit stores the base model's linear layers (all but the output layer)
@@ -339,6 +340,8 @@ def load_model_and_tokenizer(model_dir, tokenizer_path=None, lora_model=None, dt
         tokenizer_path = lora_model if _has_tokenizer(lora_model) else model_path
     if tokenizer is None:
         tokenizer = load_tokenizer(tokenizer_path, trust_remote_code=trust_remote_code)
+    if prompt_style:
+        check_prompt_style(prompt_style, tokenizer)  # a chat template that cannot be used fails before the weights
     model = AutoModelForCausalLM.from_pretrained(
         str(model_path), dtype=torch_dtype, trust_remote_code=trust_remote_code, **quantized
     )
@@ -435,7 +438,7 @@ def read_train_args(lora_model):
 
 
 def load_for_inference(lora_model=None, model_dir=None, tokenizer_path=None, dtype="auto", device="auto",
-                       trust_remote_code=False, quantization=None, merge_lora=False):
+                       trust_remote_code=False, quantization=None, merge_lora=False, prompt_style=None):
     """Model, tokenizer and the training config, from an adapter folder, a fully fine-tuned
     model folder (`lora_model=<save_dir>/model`) or a bare model.
 
@@ -448,6 +451,9 @@ def load_for_inference(lora_model=None, model_dir=None, tokenizer_path=None, dty
     adapter; a fully fine-tuned folder is its own model and takes no other). So does
     `quantization`: None loads the base as training did (train_args.json's `quantization`), so
     a QLoRA adapter runs on the same 4-bit weights it was trained against.
+
+    The prompt style (`prompt_style`, else the adapter's) is checked against the tokenizer
+    before the weights load.
     """
     train_args = {}
     if lora_model and is_full_model(lora_model):
@@ -459,7 +465,8 @@ def load_for_inference(lora_model=None, model_dir=None, tokenizer_path=None, dty
         train_args = read_train_args(lora_model) or {}
         model, tokenizer = load_model_and_tokenizer(lora_model, tokenizer_path=tokenizer_path, dtype=dtype,
                                                     device=device, trust_remote_code=trust_remote_code,
-                                                    quantization=quantization or "none")
+                                                    quantization=quantization or "none",
+                                                    prompt_style=prompt_style or train_args.get("prompt_style"))
         return model, tokenizer, train_args
     if lora_model:
         train_args = read_train_args(lora_model)
@@ -482,7 +489,7 @@ def load_for_inference(lora_model=None, model_dir=None, tokenizer_path=None, dty
     model, tokenizer = load_model_and_tokenizer(
         model_dir, tokenizer_path=tokenizer_path, lora_model=lora_model, dtype=dtype, device=device,
         trust_remote_code=trust_remote_code,  # never taken from train_args.json: an adapter cannot turn it on
-        quantization=quantization,
+        quantization=quantization, prompt_style=prompt_style or train_args.get("prompt_style"),
     )
     if merge_lora and lora_model and quantization == "none":
         model = model.merge_and_unload()

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from config_utils import ConfigError, UserError, check_writable
+from dataset import refuse_link
 from model_utils import TRAIN_ARGS_FILE, check_model_dir
 
 ADAPTER_DIR = "adapter_model"  # finetuning=lora: <save_dir>/adapter_model/ (adapter + tokenizer + train_args.json)
@@ -188,11 +189,8 @@ def prepare_save_dir(cfg):
         for leftover in [*save_dir.glob(f".{ADAPTER_DIR}-*"), *save_dir.glob(f".{MODEL_DIR}-*")]:
             shutil.rmtree(leftover, ignore_errors=True)
     out = output_dir(cfg)
-    if out.is_symlink():
-        # The export replaces its folder with a rename: that would replace the link, never
-        # update what it points to, so a linked export folder is refused before any work.
-        raise UserError(f"{out} is a symbolic link (to {os.readlink(out)}); point --save_dir at the real folder "
-                        f"or remove the link")
+    # The export replaces its folder with a rename (staged_folder): refused before any work.
+    refuse_link(out, str(out), "point --save_dir at the real folder or remove the link")
     recorded = save_dir / TRAIN_ARGS_FILE
     if cfg.resume:
         if recorded.is_file():
