@@ -15,8 +15,8 @@ import os
 import sys
 
 from config_utils import ConfigError, UserError, check_writable, parse_config, run_cli
-from dataset import (DEFAULT_INSTRUCT, QUERY_PREFIX, check_prompt_style, encode_prompt, encode_text, read_text,
-                     write_json)
+from dataset import (DEFAULT_INSTRUCT, QUERY_PREFIX, DataError, check_prompt_style, encode_prompt, encode_text,
+                     read_text, write_json)
 from model_utils import check_quantization_name
 
 BANNER = """+ 该模式下仅支持单轮问答，无多轮对话能力。空行、Ctrl-D 或 Ctrl-C 退出。
@@ -64,6 +64,14 @@ def parse_args(argv=None):
         check_prompt_style(args.prompt_style)
     if args.quantization is not None:
         check_quantization_name(args.quantization)
+    # Sampling values transformers would reject only at the first generation, after the load.
+    if args.do_sample and args.temperature <= 0:
+        raise ConfigError(f"config key 'temperature': {args.temperature} must be above 0 with --do_sample "
+                          f"(greedy decoding is --do_sample=False)")
+    if args.top_k < 0:
+        raise ConfigError(f"config key 'top_k': {args.top_k} must be 0 (off) or more")
+    if not 0 < args.top_p <= 1:
+        raise ConfigError(f"config key 'top_p': {args.top_p} must lie in (0, 1]")
     return args
 
 
@@ -146,11 +154,27 @@ class Chat:
                               grounding=grounding, **self.sampling)
 
 
+def read_input(lineno):
+    """One typed (or piped) line as UTF-8, whatever the locale says; EOFError at the end. A line
+    is decoded on its own, so a byte that is not UTF-8 is named with its line and place."""
+    print("Input:", end="", flush=True)
+    data = sys.stdin.buffer.readline()
+    if not data:
+        raise EOFError
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"stdin: input line {lineno} is not UTF-8 (byte 0x{data[e.start]:02x} at byte {e.start}); "
+                        f"type or pipe UTF-8 text") from None
+
+
 def interactive(chat):
     print(BANNER, flush=True)
+    lineno = 0
     while True:
+        lineno += 1
         try:
-            text = input("Input:").strip()
+            text = read_input(lineno).strip()
         except (EOFError, KeyboardInterrupt):
             print()
             break

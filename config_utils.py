@@ -12,6 +12,7 @@ import difflib
 import errno
 import io
 import logging
+import math
 import os
 import re
 import sys
@@ -22,6 +23,9 @@ from pathlib import Path
 # import and logs a warning when it cannot (never reachable offline); its own CPU kernel is used
 # instead. Every script imports this module first, so errors stay the one line they are meant to be.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+# DeepSpeed warns at import, in every script that reaches it through transformers or PEFT, that it
+# found no GPU and uses the CPU: on a CPU machine that is the expected case, so that one line goes.
+logging.getLogger("DeepSpeed").addFilter(lambda record: not str(record.msg).startswith("Setting accelerator to CPU"))
 
 
 class UserError(Exception):
@@ -115,7 +119,13 @@ def _coerce(key, value, default, raw):
             return value
     elif isinstance(default, float):
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                number = float(value)
+            except OverflowError:  # an integer past float's range
+                number = math.inf
+            if not math.isfinite(number):  # 1e999 reads as inf: no setting means that
+                raise ConfigError(f"config key '{key}': {raw!r} is not a finite number")
+            return number
     elif isinstance(default, int):
         if isinstance(value, int) and not isinstance(value, bool):
             return value

@@ -152,7 +152,32 @@ def read_text(path, what="file"):
     except UnicodeDecodeError as e:
         line = data[:e.start].count(b"\n") + 1
         raise DataError(f"{path}:{line}: not UTF-8 ({e.reason} at byte {e.start}); save it as UTF-8") from None
+    if "\n" not in text and "\r" in text.rstrip("\r"):
+        # Every reader splits lines at LF (CRLF works too); a file of CR-only line ends would be
+        # one line, and any message about it would quote the whole file.
+        raise DataError(f"{path}:1: its lines end in a carriage return alone (CR, old Mac line ends), not LF; "
+                        f"save it with LF or CRLF line ends")
     return text.removeprefix("\ufeff")
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def lone_surrogate(text):
+    """The first lone UTF-16 surrogate in `text` (JSON's \\ud800 escapes decode to one), or None:
+    it is no character, and writing it as UTF-8, or tokenising it, fails."""
+    m = _SURROGATE.search(text)
+    return m.group() if m else None
+
+
+def check_surrogates(record, keys, where):
+    """One line naming `where` (path:line) and the key whose string holds a lone surrogate."""
+    for key in keys:
+        value = record.get(key)
+        ch = lone_surrogate(value) if isinstance(value, str) else None
+        if ch is not None:
+            raise DataError(f"{where}: key '{key}' holds a lone UTF-16 surrogate (\\u{ord(ch):04x}), which is no "
+                            f"character (a JSON escape of half a UTF-16 pair); fix or drop that text")
 
 
 def _staged_text(path, text):
@@ -444,6 +469,7 @@ def load_data(path, columns=tuple(COLUMN_DEFAULTS.values()), allow_empty=False, 
                 raise DataError(f"{path}:{lineno}: missing key '{col}' (keys: {sorted(rec)})")
             if not isinstance(rec[col], str):
                 raise DataError(f"{path}:{lineno}: key '{col}' must be a string")
+        check_surrogates(rec, columns, f"{path}:{lineno}")
         records.append(rec)
         linenos.append(lineno)
     if not records and not allow_empty:

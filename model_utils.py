@@ -8,16 +8,18 @@ adapter folder, reading the base model path from its `train_args.json`, or from 
 fine-tuned model folder (`<save_dir>/model`: config.json and train_args.json, no adapter), which
 is then the model itself. Generation lives in generation.py.
 """
+import contextlib
 import json
 import pickle
 import sys
+import warnings
 from pathlib import Path
 
 import torch
 
 from config_utils import ConfigError, UserError
 from dataset import (DEFAULT_LABEL_NAMES, PROMPT_STYLES, check_label_names, check_prompt_style, ner_instruct,
-                     read_data_info)
+                     read_data_info, read_text)
 from grounding import DEFAULT_POLICY, POLICIES
 
 TRAIN_ARGS_FILE = "train_args.json"
@@ -298,11 +300,30 @@ def _has_tokenizer(path):
     )
 
 
+# A tokenizer's small text files, read by transformers with a traceback for a bad byte or a
+# cut file: read here first, so that is one line naming the file and line.
+TOKENIZER_TEXT_FILES = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja")
+
+
+def check_tokenizer_files(path):
+    for name in TOKENIZER_TEXT_FILES:
+        file = Path(path) / name
+        if file.is_file():
+            text = read_text(file)
+            if file.suffix == ".json":
+                try:
+                    json.loads(text)
+                except json.JSONDecodeError as e:
+                    raise ModelLoadError(f"{file}:{e.lineno}: not valid JSON ({e.msg}); the tokenizer's files are "
+                                         f"damaged: copy them again from the model") from None
+
+
 def load_tokenizer(path, padding_side="left", trust_remote_code=False):
     from transformers import AutoTokenizer
 
     if not _has_tokenizer(path):
         raise ModelLoadError(f"no tokenizer (tokenizer.model or tokenizer.json) in '{path}'")
+    check_tokenizer_files(path)
     tokenizer = AutoTokenizer.from_pretrained(str(path), padding_side=padding_side, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         # LLaMA ships no pad token. unk keeps EOS unambiguous; padded positions are masked anyway.
@@ -365,12 +386,23 @@ def load_model_and_tokenizer(model_dir, tokenizer_path=None, lora_model=None, dt
     return model, tokenizer
 
 
+@contextlib.contextmanager
+def peft_quietly():
+    """PEFT asks the model whether it checkpoints through a property transformers deprecates,
+    warning on every adapter loaded or made; nothing the user can act on, so that one warning
+    is silenced while PEFT wraps the model."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
 def apply_adapter(model, lora_model, is_trainable=False):
     from peft import PeftModel
 
     path = Path(lora_model)
     if not (path / "adapter_config.json").is_file():
         raise ModelLoadError(f"lora_model '{lora_model}' holds no adapter_config.json")
+    check_adapter_config(path)
     args_file = path / TRAIN_ARGS_FILE
     if args_file.is_file():
         trained_vocab = json.loads(args_file.read_text(encoding="utf-8")).get("vocab_size")
@@ -381,7 +413,8 @@ def apply_adapter(model, lora_model, is_trainable=False):
                 f"but the base model has {vocab}"
             )
     try:
-        return PeftModel.from_pretrained(model, str(path), is_trainable=is_trainable)
+        with peft_quietly():
+            return PeftModel.from_pretrained(model, str(path), is_trainable=is_trainable)
     except pickle.UnpicklingError:
         # PEFT reads adapter_model.bin with weights_only=True, which refused what the file holds.
         raise ModelLoadError(
@@ -414,10 +447,30 @@ def is_full_model(folder):
     return (path / "config.json").is_file() and not (path / "adapter_config.json").is_file()
 
 
+def check_adapter_config(lora_model):
+    """An adapter folder's adapter_config.json, when it has one: valid JSON (PEFT's reader gives a
+    traceback for a cut file) and a LoRA adapter, the only kind training writes and merging
+    folds into the weights. Read before any weights load."""
+    path = Path(lora_model) / "adapter_config.json"
+    if not path.is_file():
+        return None
+    try:
+        config = json.loads(read_text(path))
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); the adapter folder is damaged or "
+                             f"was cut short: copy it again, or export it again from the run's last checkpoint") from None
+    peft_type = config.get("peft_type") if isinstance(config, dict) else None
+    if peft_type != "LORA":
+        raise ModelLoadError(f"adapter '{lora_model}' is a {peft_type or 'untyped'} adapter; this project trains and "
+                             f"loads LORA adapters ({path})")
+    return config
+
+
 def read_train_args(lora_model):
     path = Path(lora_model)
     if not path.is_dir():
         raise ModelLoadError(f"adapter folder '{lora_model}' does not exist; train one first (see README)")
+    check_adapter_config(path)
     args_file = path / TRAIN_ARGS_FILE
     if not args_file.is_file():
         return None
@@ -480,6 +533,12 @@ def load_for_inference(lora_model=None, model_dir=None, tokenizer_path=None, dty
         if model_dir and recorded and Path(model_dir).resolve() != Path(recorded).resolve():
             print(f"warning: --model_dir={model_dir} differs from the base model the adapter was trained on "
                   f"({recorded}, in {Path(lora_model) / TRAIN_ARGS_FILE})", file=sys.stderr)
+        if not model_dir and recorded and not Path(recorded).is_absolute() and not Path(recorded).is_dir():
+            # Training records model_dir as it was given: relative to where training ran.
+            raise ModelLoadError(
+                f"{Path(lora_model) / TRAIN_ARGS_FILE} records model_dir '{recorded}', a path relative to the folder "
+                f"training ran in, and {Path.cwd()} holds no such folder; run from that folder or pass "
+                f"--model_dir=<base model>")
         model_dir = model_dir or recorded
     if not model_dir:
         raise ModelLoadError("no base model: pass --model_dir or --lora_model=<trained adapter folder>")
