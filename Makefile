@@ -13,7 +13,7 @@ TORCH_INDEX ?=
 DEMO_DIR ?= checkpoint/msra/demo
 PYTEST_ARGS ?=
 
-.PHONY: test test-fast demo demo-full-test demo-scratch venv browser bench clean-demo gemma
+.PHONY: test test-fast demo demo-full-test demo-scratch venv browser bench clean-demo gemma FORCE
 
 venv: $(STAMP)
 
@@ -113,7 +113,7 @@ $(GEMMA_DIR)/config.json: $(GEMMA_STAMP)
 #              difference 0.005-0.014), 17.3 against 19.0 sentences/s in bf16
 #   eval batch 64: 11.4 sentences/s against 10.0 at test.py's default 32 (same answers); 32 stays the
 #              default, where a 7B model's KV cache must fit a 24 GB GPU
-#   eval dtype bfloat16 where the CPU multiplies bf16 natively (bench/peak.py --eval-dtype measures it):
+#   eval dtype bfloat16 where the CPU multiplies bf16 natively (bench/peak.py --eval-dtype reads its features):
 #              19.0 sentences/s against 10.2 in fp32 on the 1,000, F1 0.574 against 0.575; else fp32
 GEMMA_RUN ?= checkpoint/msra/gemma
 GEMMA_STEPS ?= 100
@@ -124,32 +124,73 @@ GEMMA_SAMPLE ?= 1000
 GEMMA_EOS_PENALTY ?= 1.5
 GEMMA_EVAL_BATCH ?= 64
 GEMMA_POLICY ?= first_choice
-# Measured on first use only (then kept), so the demo's two evaluating stages share one measurement.
+# Decided once per make from the CPU's features (no measuring: a fraction of a second).
 GEMMA_EVAL_DTYPE ?= $(eval GEMMA_EVAL_DTYPE := $$(shell $(PY) bench/peak.py --eval-dtype))$(GEMMA_EVAL_DTYPE)
+# Where process.py writes MSRA (data/msra/...).
+DEMO_DATA_ROOT ?= data
+DEMO_DATA := $(DEMO_DATA_ROOT)/msra/instruct_data
 STAGE = t=$$SECONDS &&
 STAGE_END = && echo "[demo] $(1): $$((SECONDS - t)) s"
+
+# A second `make demo` redoes a stage only when make's own dependencies say so: each stage is a
+# file it writes last, newer than the code it runs, the stage before it, and a settings file
+# holding a hash of its command line (rewritten only when that changes: --max_steps, --sample,
+# the eval dtype, ...). A stage that is up to date is said so, not run.
+DEMO_STAGE = t=$$SECONDS; if $(MAKE) --no-print-directory -q $(2); then echo "[demo] $(1): up to date ($(2) is newer \
+	than its code, inputs and settings)"; else $(MAKE) --no-print-directory $(2) $(call STAGE_END,$(1)); fi
+demo_hash = $(shell printf '%s' '$(1)' | md5sum | cut -c1-32)
+DEMO_PROCESSED := $(DEMO_DATA)/data_info.json
+GEMMA_ADAPTER := $(GEMMA_RUN)/adapter_model/adapter_config.json
+GEMMA_SCORED := $(GEMMA_RUN)/eval_sample/metrics.json
+GEMMA_PREDICTED := $(GEMMA_RUN)/predict.jsonl
+GEMMA_TRAIN_CMD = $(PY) train_trainer.py --model_dir=$(GEMMA_DIR) --save_dir=$(GEMMA_RUN) --overwrite=True \
+	--train_path=$(DEMO_DATA)/train.txt --dev_path=$(DEMO_DATA)/dev.txt \
+	--seed=$(DEMO_SEED) --max_steps=$(GEMMA_STEPS) --train_batch_size=$(GEMMA_BATCH) --learning_rate=$(GEMMA_LR) \
+	--lora_dropout=0.0 --warmup_ratio=0.03 --lr_scheduler_type=cosine --no_entity_fraction=$(GEMMA_NO_ENTITY) \
+	--eval_steps=0 --save_steps=50 --log_steps=10
+GEMMA_SCORE_CMD = $(PY) test.py --lora_model=$(GEMMA_RUN)/adapter_model --test_path=$(DEMO_DATA)/test.txt \
+	--sample=$(GEMMA_SAMPLE) --seed=0 --eos_penalty=$(GEMMA_EOS_PENALTY) --batch_size=$(GEMMA_EVAL_BATCH) \
+	--dtype=$(GEMMA_EVAL_DTYPE) --grounding_policy=$(GEMMA_POLICY) --output_dir=$(GEMMA_RUN)/eval_sample
+GEMMA_PREDICT_CMD = $(PY) predict.py --lora_model=$(GEMMA_RUN)/adapter_model --input_file=$(DEMO_DATA)/test.txt \
+	--limit=3 --eos_penalty=$(GEMMA_EOS_PENALTY) --dtype=$(GEMMA_EVAL_DTYPE) --grounding_policy=$(GEMMA_POLICY) \
+	--output_file=$(GEMMA_PREDICTED)
+CORE_CODE := config_utils.py dataset.py model_utils.py chat_template.py
+TRAIN_CODE := $(CORE_CODE) train_trainer.py train_core.py build.py loss.py run_folder.py
+EVAL_CODE := $(CORE_CODE) generation.py grounding.py metrics.py run_folder.py
+
+$(DEMO_PROCESSED): process.py $(CORE_CODE) $(STAMP)
+	$(PY) process.py --data_root=$(DEMO_DATA_ROOT)
+$(GEMMA_ADAPTER): $(DEMO_PROCESSED) $(GEMMA_DIR)/config.json $(TRAIN_CODE) $(GEMMA_RUN)/.train.settings
+	$(GEMMA_TRAIN_CMD)
+$(GEMMA_SCORED): $(GEMMA_ADAPTER) $(EVAL_CODE) test.py report.py $(GEMMA_RUN)/.score.settings
+	$(GEMMA_SCORE_CMD)
+$(GEMMA_PREDICTED): $(GEMMA_ADAPTER) $(EVAL_CODE) predict.py $(GEMMA_RUN)/.predict.settings
+	$(GEMMA_PREDICT_CMD)
+# '+': written under make -n and -q too, so that they answer for the settings asked for now.
+$(GEMMA_RUN)/.train.settings $(GEMMA_RUN)/.score.settings $(GEMMA_RUN)/.predict.settings: FORCE
+	+@mkdir -p $(@D) && echo $(call demo_hash,$(DEMO_CMD_$(basename $(notdir $@)))) | cmp -s - $@ \
+	    || echo $(call demo_hash,$(DEMO_CMD_$(basename $(notdir $@)))) > $@
+DEMO_CMD_.train = $(GEMMA_TRAIN_CMD)
+DEMO_CMD_.score = $(GEMMA_SCORE_CMD)
+DEMO_CMD_.predict = $(GEMMA_PREDICT_CMD)
+FORCE:
+
 demo: export OMP_NUM_THREADS = $(DEMO_THREADS)
 demo: export OMP_WAIT_POLICY = PASSIVE
 demo: venv
 	@$(PY) bench/peak.py 15 185
-	@$(STAGE) $(PY) process.py $(call STAGE_END,process MSRA)
-	@$(STAGE) $(MAKE) --no-print-directory gemma $(call STAGE_END,prepare Gemma 3 270M)
-	@$(STAGE) $(PY) train_trainer.py --model_dir=$(GEMMA_DIR) --save_dir=$(GEMMA_RUN) --overwrite=True \
-	    --seed=$(DEMO_SEED) --max_steps=$(GEMMA_STEPS) --train_batch_size=$(GEMMA_BATCH) --learning_rate=$(GEMMA_LR) \
-	    --lora_dropout=0.0 --warmup_ratio=0.03 --lr_scheduler_type=cosine --no_entity_fraction=$(GEMMA_NO_ENTITY) \
-	    --eval_steps=0 --save_steps=50 --log_steps=10 $(call STAGE_END,LoRA-tune)
-	@$(STAGE) $(PY) test.py --lora_model=$(GEMMA_RUN)/adapter_model --sample=$(GEMMA_SAMPLE) --seed=0 \
-	    --eos_penalty=$(GEMMA_EOS_PENALTY) --batch_size=$(GEMMA_EVAL_BATCH) --dtype=$(GEMMA_EVAL_DTYPE) \
-	    --grounding_policy=$(GEMMA_POLICY) --output_dir=$(GEMMA_RUN)/eval_sample $(call STAGE_END,score $(GEMMA_SAMPLE) test sentences)
-	@$(STAGE) $(PY) predict.py --lora_model=$(GEMMA_RUN)/adapter_model --input_file=data/msra/instruct_data/test.txt \
-	    --limit=3 --eos_penalty=$(GEMMA_EOS_PENALTY) --dtype=$(GEMMA_EVAL_DTYPE) --grounding_policy=$(GEMMA_POLICY) --output_file=$(GEMMA_RUN)/predict.jsonl $(call STAGE_END,predict three sentences)
+	+@$(call DEMO_STAGE,process MSRA,$(DEMO_PROCESSED))
+	+@$(call DEMO_STAGE,prepare Gemma 3 270M,$(GEMMA_DIR)/config.json)
+	+@$(call DEMO_STAGE,LoRA-tune,$(GEMMA_ADAPTER))
+	+@$(call DEMO_STAGE,score $(GEMMA_SAMPLE) test sentences,$(GEMMA_SCORED))
+	+@$(call DEMO_STAGE,predict three sentences,$(GEMMA_PREDICTED))
 	@echo
 	@echo "Demo outputs:"
-	@echo "  instruction data      data/msra/instruct_data/{train,dev,test}.txt (raw: data/msra/ori_data/)"
+	@echo "  instruction data      $(DEMO_DATA)/{train,dev,test}.txt (raw: $(DEMO_DATA_ROOT)/msra/ori_data/)"
 	@echo "  base model            $(GEMMA_DIR)/ (Gemma 3 270M, fp32; Gemma Terms of Use: GEMMA_TERMS.html)"
 	@echo "  LoRA adapter          $(GEMMA_RUN)/adapter_model/ (loss curve: loss_curve.png; TensorBoard: $(GEMMA_RUN)/runs)"
 	@echo "  test sample           $(GEMMA_RUN)/eval_sample/{metrics.json,predictions.jsonl,report.html} ($(GEMMA_SAMPLE) seeded sentences, 95% bootstrap interval)"
-	@echo "  predictions           $(GEMMA_RUN)/predict.jsonl"
+	@echo "  predictions           $(GEMMA_PREDICTED)"
 	@echo "All 4,631 test sentences: make demo-full-test. The from-scratch model: make demo-scratch."
 
 # The same adapter on the complete 4,631-sentence test set (README: its measured figure).

@@ -13,7 +13,7 @@ import torch
 from config_utils import UserError
 from answer_format import DEFAULT_ANSWER_FORMAT, DEFAULT_LABEL_NAMES, write_answer
 from dataset import EncodedDataset, NerCollate, columns_of, load_data, read_data_info, sentence_of
-from model_utils import load_model_and_tokenizer, load_tokenizer, resolve_dtype
+from model_utils import load_model_and_tokenizer, load_tokenizer, peft_quietly, resolve_dtype
 from run_folder import global_rank
 
 ALL_LINEAR = "all-linear"  # PEFT: every nn.Linear except the output layer; the names go into adapter_config.json
@@ -117,7 +117,8 @@ def build_model(cfg, tokenizer=None):
         modules_to_save=list(cfg.lora_modules_to_save) or None,
         task_type="CAUSAL_LM",
     )
-    model = get_peft_model(model, lora_config)
+    with peft_quietly():
+        model = get_peft_model(model, lora_config)
     # Mixed precision keeps master weights in fp32: fp16 trainable weights cannot be unscaled,
     # and bf16 ones lose small updates. Only the (small) trainable part is upcast.
     for p in model.parameters():

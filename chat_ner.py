@@ -16,7 +16,7 @@ import sys
 
 from config_utils import ConfigError, UserError, check_writable, parse_config, run_cli
 from answer_format import DEFAULT_INSTRUCT
-from dataset import QUERY_PREFIX, check_prompt_style, encode_prompt, encode_text, read_text, write_json
+from dataset import QUERY_PREFIX, DataError, check_prompt_style, encode_prompt, encode_text, read_text, write_json
 from model_utils import check_quantization_name
 
 BANNER = """+ 该模式下仅支持单轮问答，无多轮对话能力。空行、Ctrl-D 或 Ctrl-C 退出。
@@ -64,6 +64,14 @@ def parse_args(argv=None):
         check_prompt_style(args.prompt_style)
     if args.quantization is not None:
         check_quantization_name(args.quantization)
+    # Sampling values transformers would reject only at the first generation, after the load.
+    if args.do_sample and args.temperature <= 0:
+        raise ConfigError(f"config key 'temperature': {args.temperature} must be above 0 with --do_sample "
+                          f"(greedy decoding is --do_sample=False)")
+    if args.top_k < 0:
+        raise ConfigError(f"config key 'top_k': {args.top_k} must be 0 (off) or more")
+    if not 0 < args.top_p <= 1:
+        raise ConfigError(f"config key 'top_p': {args.top_p} must lie in (0, 1]")
     return args
 
 
@@ -107,7 +115,7 @@ class Chat:
         self.model, self.tokenizer, train_args = load_for_inference(
             args.lora_model or None, model_dir=args.base_model or None, tokenizer_path=args.tokenizer_path or None,
             device="cpu" if args.only_cpu else "auto", trust_remote_code=args.trust_remote_code,
-            quantization=args.quantization, merge_lora=True,
+            quantization=args.quantization, merge_lora=True, prompt_style=args.prompt_style or None,
         )
         recorded = train_args.get("prompt_style", "alpaca")
         if args.prompt_style and train_args and args.prompt_style != recorded:
@@ -148,11 +156,27 @@ class Chat:
                               grounding=grounding, **self.sampling)
 
 
+def read_input(lineno):
+    """One typed (or piped) line as UTF-8, whatever the locale says; EOFError at the end. A line
+    is decoded on its own, so a byte that is not UTF-8 is named with its line and place."""
+    print("Input:", end="", flush=True)
+    data = sys.stdin.buffer.readline()
+    if not data:
+        raise EOFError
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"stdin: input line {lineno} is not UTF-8 (byte 0x{data[e.start]:02x} at byte {e.start}); "
+                        f"type or pipe UTF-8 text") from None
+
+
 def interactive(chat):
     print(BANNER, flush=True)
+    lineno = 0
     while True:
+        lineno += 1
         try:
-            text = input("Input:").strip()
+            text = read_input(lineno).strip()
         except (EOFError, KeyboardInterrupt):
             print()
             break

@@ -12,6 +12,7 @@ import difflib
 import errno
 import io
 import logging
+import math
 import os
 import re
 import sys
@@ -22,6 +23,9 @@ from pathlib import Path
 # import and logs a warning when it cannot (never reachable offline); its own CPU kernel is used
 # instead. Every script imports this module first, so errors stay the one line they are meant to be.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+# DeepSpeed warns at import, in every script that reaches it through transformers or PEFT, that it
+# found no GPU and uses the CPU: on a CPU machine that is the expected case, so that one line goes.
+logging.getLogger("DeepSpeed").addFilter(lambda record: not str(record.msg).startswith("Setting accelerator to CPU"))
 
 
 class UserError(Exception):
@@ -115,7 +119,13 @@ def _coerce(key, value, default, raw):
             return value
     elif isinstance(default, float):
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                number = float(value)
+            except OverflowError:  # an integer past float's range
+                number = math.inf
+            if not math.isfinite(number):  # 1e999 reads as inf: no setting means that
+                raise ConfigError(f"config key '{key}': {raw!r} is not a finite number")
+            return number
     elif isinstance(default, int):
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -330,15 +340,34 @@ def require_keys(cfg, *keys):
     return cfg
 
 
+# The outputs this process has put in place (dataset.commit_files notes them), so that an
+# interrupted run can say truthfully what it wrote.
+_WRITTEN = []
+
+
+def note_written(paths):
+    _WRITTEN.extend(str(p) for p in paths)
+
+
+def interrupted_message():
+    """What an interrupted run says: outputs are written whole or not at all, so either none of
+    this run's replaced anything, or those it names are whole."""
+    if not _WRITTEN:
+        return "interrupted: no output of this run was written (files from before are as they were)"
+    shown = ", ".join(dict.fromkeys(_WRITTEN[-4:]))
+    return (f"interrupted: this run had written {len(set(_WRITTEN))} output file(s) whole before it stopped "
+            f"(last: {shown}); nothing else was replaced")
+
+
 def run_cli(main):
     """Run `main()` for a script: a UserError becomes one line on stderr and exit status 2, and so
     does a write that failed for lack of space (outputs are written atomically, so the files
     that were there before are intact)."""
+    _WRITTEN.clear()  # this run's outputs only (tests run several scripts in one process)
     try:
         return main()
     except KeyboardInterrupt:
-        # Outputs are written atomically at the end: an interrupted run left the old files as they were.
-        print("\ninterrupted: nothing more was written (files from before are as they were)", file=sys.stderr)
+        print("\n" + interrupted_message(), file=sys.stderr)
         raise SystemExit(130) from None
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

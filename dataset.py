@@ -7,15 +7,18 @@ trained on.
 import json
 import os
 import random
+import re
 import shutil
+import signal
 import tempfile
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from answer_format import DEFAULT_ANSWER_FORMAT, check_answer_format, label_name_problem
-from config_utils import UserError
+from config_utils import UserError, note_written
 
 # Every prompt format lives here, selected by the `prompt_style` recorded beside each adapter.
 # alpaca: Chinese-Alpaca's template, as taishan1994/Chinese-LLaMA-Alpaca-LoRA-Tuning trained with it (the default).
@@ -121,22 +124,100 @@ def read_text(path, what="file"):
     except UnicodeDecodeError as e:
         line = data[:e.start].count(b"\n") + 1
         raise DataError(f"{path}:{line}: not UTF-8 ({e.reason} at byte {e.start}); save it as UTF-8") from None
+    if "\n" not in text and "\r" in text.rstrip("\r"):
+        # Every reader splits lines at LF (CRLF works too); a file of CR-only line ends would be
+        # one line, and any message about it would quote the whole file.
+        raise DataError(f"{path}:1: its lines end in a carriage return alone (CR, old Mac line ends), not LF; "
+                        f"save it with LF or CRLF line ends")
     return text.removeprefix("\ufeff")
 
 
-def atomic_write_text(path, text):
-    """Write a file through a temporary name and a rename: readers see the old file or the whole
-    new one, never a partial one, and a failure (disk full, Ctrl-C) leaves the old file as it was."""
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def lone_surrogate(text):
+    """The first lone UTF-16 surrogate in `text` (JSON's \\ud800 escapes decode to one), or None:
+    it is no character, and writing it as UTF-8, or tokenising it, fails."""
+    m = _SURROGATE.search(text)
+    return m.group() if m else None
+
+
+def check_surrogates(record, keys, where):
+    """One line naming `where` (path:line) and the key whose string holds a lone surrogate."""
+    for key in keys:
+        value = record.get(key)
+        ch = lone_surrogate(value) if isinstance(value, str) else None
+        if ch is not None:
+            raise DataError(f"{where}: key '{key}' holds a lone UTF-16 surrogate (\\u{ord(ch):04x}), which is no "
+                            f"character (a JSON escape of half a UTF-16 pair); fix or drop that text")
+
+
+def _staged_text(path, text):
+    """`text` written whole to a temporary file beside `path` (hidden, same folder, so that a
+    rename puts it in place); returns the temporary file's path."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
             f.write(text)
         share_files(tmp)  # mkstemp makes it private; outputs are meant to be read by others
-        os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return Path(tmp)
+
+
+def atomic_write_text(path, text):
+    """Write a file through a temporary name and a rename: readers see the old file or the whole
+    new one, never a partial one, and a failure (disk full, Ctrl-C) leaves the old file as it was."""
+    commit_files([(path, text)])
+
+
+@contextmanager
+def _signals_held(signums=(signal.SIGINT, signal.SIGTERM)):
+    """Ctrl-C and kill (SIGTERM) wait until the block ends, then act as they would have: a few
+    renames are not split by them. Only the main thread can set handlers; elsewhere as is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending, saved = [], {}
+    for signum in signums:
+        if signal.getsignal(signum) not in (signal.SIG_IGN, None):
+            saved[signum] = signal.signal(signum, lambda received, frame: pending.append(received))
+    try:
+        yield
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+        for signum in dict.fromkeys(pending):
+            signal.raise_signal(signum)
+
+
+def commit_files(files):
+    """Write several files as one output, [(path, text), ...], the last the mark of a complete
+    set (test.py: metrics.json). Each is first written whole under a temporary name beside its
+    place (the slow part, which an interruption or a full disk stops with nothing replaced);
+    then, with Ctrl-C and SIGTERM held back, the earlier mark is moved aside, the files are
+    renamed into place, the mark last, and the earlier mark removed. Where the mark stands, the
+    files beside it are its run's; an interrupted run leaves the earlier files as they were."""
+    files = [(Path(path), text) for path, text in files]
+    staged = []
+    try:
+        for path, text in files:
+            staged.append((_staged_text(path, text), path))
+        with _signals_held():
+            mark = staged[-1][1]
+            aside = mark.with_name(f".{mark.name}-earlier-{os.getpid()}") if len(staged) > 1 and mark.exists() else None
+            if aside is not None:
+                os.replace(mark, aside)
+            for tmp, path in staged:
+                os.replace(tmp, path)
+            note_written([path for _, path in staged])
+            if aside is not None:
+                aside.unlink()
+    finally:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)  # a file not renamed because an earlier one failed
 
 
 def _umask():
@@ -156,20 +237,63 @@ def share_files(path):
     return path
 
 
+def refuse_link(path, what, hint="point it at the real folder or remove the link"):
+    """A folder that staged_folder will replace may not be a symbolic link: the rename would
+    replace the link, not update what it points to. Refused in one line before any work."""
+    path = Path(path)
+    if path.is_symlink():
+        raise UserError(f"{what} is a symbolic link (to {os.readlink(path)}); {hint}")
+
+
+def staging_prefix(path, kind=""):
+    """The name prefix of what a run stages beside `path`: hidden, and holding the run's process
+    id, so that remove_leftovers can tell a killed run's leftovers from a running one's."""
+    return f".{Path(path).name}-{kind}{os.getpid()}-"
+
+
+def _running(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_leftovers(path):
+    """Remove what killed runs staged beside `path` (staging_prefix: a folder being written, an
+    old one moved aside, a conversion's source): a kill -9 gives no run the chance to clean up,
+    so the next one does, leaving alone what a running process stages."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return
+    pattern = re.compile(rf"\.{re.escape(path.name)}-(?:[a-z]+-)?(\d+)(?:-.*)?")
+    for entry in path.parent.iterdir():
+        m = pattern.fullmatch(entry.name)
+        if m and int(m.group(1)) != os.getpid() and not _running(int(m.group(1))):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+
+
 @contextmanager
 def staged_folder(path):
     """A temporary folder beside `path` to write a whole output folder into; when the block
     ends without error it replaces `path` (the old one, if any, moved aside, then removed), and
     on any error it is deleted: readers see the old folder or the complete new one, never a
-    half-written one."""
+    half-written one. What killed runs left beside `path` is removed first."""
     path = Path(path)
+    refuse_link(path, str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    remove_leftovers(path)
+    tmp = Path(tempfile.mkdtemp(prefix=staging_prefix(path), dir=path.parent))
     try:
         yield tmp
         old = None
         if path.exists():
-            old = path.with_name(f".{path.name}-old-{os.getpid()}")
+            old = path.with_name(staging_prefix(path, "old-") + "folder")
             os.replace(path, old)
         share_files(tmp)  # mkdtemp and safetensors' writer make them private; the result is meant to be shared
         os.replace(tmp, path)
@@ -181,31 +305,51 @@ def staged_folder(path):
 
 
 def check_prompt_style(style, tokenizer=None):
+    """A known prompt style; with a tokenizer, chat_template also needs its template to render
+    the user's text (rendered here once, bounded: chat_template.py), before any weights load."""
     if style not in PROMPT_STYLES:
         raise PromptError(f"config key 'prompt_style': {style!r} is not one of {', '.join(PROMPT_STYLES)}")
-    if style == "chat_template" and tokenizer is not None and not getattr(tokenizer, "chat_template", None):
-        raise PromptError("config key 'prompt_style': chat_template needs a tokenizer with a chat template, and "
-                        f"{getattr(tokenizer, 'name_or_path', 'this tokenizer')} has none; use alpaca or llama2_chat")
+    if style == "chat_template" and tokenizer is not None:
+        if not getattr(tokenizer, "chat_template", None):
+            raise PromptError("config key 'prompt_style': chat_template needs a tokenizer with a chat template, and "
+                              f"{getattr(tokenizer, 'name_or_path', 'this tokenizer')} has none; use alpaca or "
+                              f"llama2_chat")
+        from chat_template import chat_parts
+
+        chat_parts(tokenizer, DEFAULT_SYSTEM)
     return style
 
 
+def jsonl_text(rows):
+    """One JSON object per line (UTF-8, not escaped)."""
+    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+
+
+def json_text(data):
+    """One JSON document (UTF-8, not escaped, indented)."""
+    return json.dumps(data, ensure_ascii=False, indent=2) + "\n"
+
+
 def write_jsonl(path, rows):
-    """One JSON object per line (UTF-8, not escaped), written atomically."""
-    atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    """jsonl_text, written atomically."""
+    atomic_write_text(path, jsonl_text(rows))
 
 
 def write_json(path, data):
-    """One JSON document (UTF-8, not escaped, indented), written atomically."""
-    atomic_write_text(path, json.dumps(data, ensure_ascii=False, indent=2) + "\n")
+    """json_text, written atomically."""
+    atomic_write_text(path, json_text(data))
 
 
 def _render_chat(tokenizer, instruction):
-    user = {"role": "user", "content": instruction}
-    try:
-        return tokenizer.apply_chat_template([{"role": "system", "content": DEFAULT_SYSTEM}, user],
-                                             tokenize=False, add_generation_prompt=True)
-    except Exception:  # templates without a system role (Mistral's) raise on one: the user turn alone
-        return tokenizer.apply_chat_template([user], tokenize=False, add_generation_prompt=True)
+    """The chat template's prompt for `instruction` as the user's turn (DEFAULT_SYSTEM as the
+    system turn where the template has one): rendered once per template in a bounded process
+    around a marker (chat_template.py), the instruction put in the marker's place."""
+    from chat_template import chat_parts, template_source
+
+    prompt = chat_parts(tokenizer, DEFAULT_SYSTEM).around(instruction)
+    if instruction.strip() not in prompt:  # every prompt holds the instruction and the sentence, on every path
+        raise PromptError(f"the chat template in {template_source(tokenizer)} does not write the user's text")
+    return prompt
 
 
 def build_prompt(instruct, query=None, style="alpaca", tokenizer=None):
@@ -253,16 +397,14 @@ def encode_prompt(tokenizer, instruct, query=None, style="alpaca"):
     instruction = instruct if query is None else f"{instruct}\n{query}"
     if not any(t in instruction for t in _special_texts(tokenizer)):
         return tokenizer.encode(_render_chat(tokenizer, instruction), add_special_tokens=False)
-    # The user's text holds what reads as a control token: render the template around a marker
-    # and encode the two sides as the template's, the user's part as text.
-    marker = "\x00user-text\x00"
-    rendered = _render_chat(tokenizer, marker)
-    if rendered.count(marker) != 1:
-        raise PromptError(f"the chat template of {getattr(tokenizer, 'name_or_path', 'this tokenizer')} does not "
-                          f"write the user's text once, verbatim; use prompt_style alpaca or llama2_chat")
-    before, after = rendered.split(marker)
-    return (tokenizer.encode(before, add_special_tokens=False) + encode_text(tokenizer, instruction)
-            + tokenizer.encode(after, add_special_tokens=False))
+    # The user's text holds what reads as a control token: the template's two sides are encoded
+    # as the template's, the user's part as text.
+    from chat_template import chat_parts
+
+    parts = chat_parts(tokenizer, DEFAULT_SYSTEM)
+    return (tokenizer.encode(parts.before, add_special_tokens=False)
+            + encode_text(tokenizer, instruction.strip() if parts.trims else instruction)
+            + tokenizer.encode(parts.after, add_special_tokens=False))
 
 
 def load_data(path, columns=tuple(COLUMN_DEFAULTS.values()), allow_empty=False, line_numbers=False):
@@ -287,6 +429,7 @@ def load_data(path, columns=tuple(COLUMN_DEFAULTS.values()), allow_empty=False, 
                 raise DataError(f"{path}:{lineno}: missing key '{col}' (keys: {sorted(rec)})")
             if not isinstance(rec[col], str):
                 raise DataError(f"{path}:{lineno}: key '{col}' must be a string")
+        check_surrogates(rec, columns, f"{path}:{lineno}")
         records.append(rec)
         linenos.append(lineno)
     if not records and not allow_empty:

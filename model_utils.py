@@ -8,16 +8,18 @@ adapter folder, reading the base model path from its `train_args.json`, or from 
 fine-tuned model folder (`<save_dir>/model`: config.json and train_args.json, no adapter), which
 is then the model itself. Generation lives in generation.py.
 """
+import contextlib
 import json
 import pickle
 import sys
+import warnings
 from pathlib import Path
 
 import torch
 
 from config_utils import ConfigError, UserError
 from answer_format import DEFAULT_ANSWER_FORMAT, DEFAULT_LABEL_NAMES, check_answer_format, ner_instruct
-from dataset import PROMPT_STYLES, check_label_names, read_data_info
+from dataset import PROMPT_STYLES, check_label_names, check_prompt_style, read_data_info, read_text
 from grounding import DEFAULT_POLICY, POLICIES
 
 TRAIN_ARGS_FILE = "train_args.json"
@@ -89,6 +91,19 @@ def answer_format_for(train_args):
     answers are read and grounded with it and no other. Adapters trained before formats existed
     wrote the seed format."""
     return train_args.get("answer_format", DEFAULT_ANSWER_FORMAT)
+
+
+def loaded_as(model, adapter=None):
+    """What a loaded model is, read from the model itself (what an evaluation records beside its
+    scores): the base model folder it was loaded from, the dtype it computes in, bitsandbytes'
+    quantization of its layers, and, for an adapter, whether it was folded into the weights."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    kinds = {type(m).__name__ for m in base.modules() if type(m).__module__.startswith("bitsandbytes")}
+    quantization = "4bit" if "Linear4bit" in kinds else "8bit" if "Linear8bitLt" in kinds else "none"
+    dtype = next((p.dtype for p in base.parameters() if p.is_floating_point()), None)
+    is_adapter = adapter is not None and not is_full_model(adapter)
+    return {"base_model": base.name_or_path, "dtype": str(dtype).removeprefix("torch."), "quantization": quantization,
+            "merge_lora": (not hasattr(model, "get_base_model")) if is_adapter else None}
 
 
 def load_from_config(cfg):
@@ -292,11 +307,30 @@ def _has_tokenizer(path):
     )
 
 
+# A tokenizer's small text files, read by transformers with a traceback for a bad byte or a
+# cut file: read here first, so that is one line naming the file and line.
+TOKENIZER_TEXT_FILES = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja")
+
+
+def check_tokenizer_files(path):
+    for name in TOKENIZER_TEXT_FILES:
+        file = Path(path) / name
+        if file.is_file():
+            text = read_text(file)
+            if file.suffix == ".json":
+                try:
+                    json.loads(text)
+                except json.JSONDecodeError as e:
+                    raise ModelLoadError(f"{file}:{e.lineno}: not valid JSON ({e.msg}); the tokenizer's files are "
+                                         f"damaged: copy them again from the model") from None
+
+
 def load_tokenizer(path, padding_side="left", trust_remote_code=False):
     from transformers import AutoTokenizer
 
     if not _has_tokenizer(path):
         raise ModelLoadError(f"no tokenizer (tokenizer.model or tokenizer.json) in '{path}'")
+    check_tokenizer_files(path)
     tokenizer = AutoTokenizer.from_pretrained(str(path), padding_side=padding_side, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         # LLaMA ships no pad token. unk keeps EOS unambiguous; padded positions are masked anyway.
@@ -306,7 +340,7 @@ def load_tokenizer(path, padding_side="left", trust_remote_code=False):
 
 def load_model_and_tokenizer(model_dir, tokenizer_path=None, lora_model=None, dtype="auto",
                              device="auto", trust_remote_code=False, is_trainable=False, tokenizer=None,
-                             quantization="none"):
+                             quantization="none", prompt_style=None):
     """Base model (+ optional LoRA adapter) and its tokenizer, ready on `device`.
 
     `quantization` 4bit or 8bit stores the base model's linear layers (all but the output layer)
@@ -334,6 +368,8 @@ def load_model_and_tokenizer(model_dir, tokenizer_path=None, lora_model=None, dt
         tokenizer_path = lora_model if _has_tokenizer(lora_model) else model_path
     if tokenizer is None:
         tokenizer = load_tokenizer(tokenizer_path, trust_remote_code=trust_remote_code)
+    if prompt_style:
+        check_prompt_style(prompt_style, tokenizer)  # a chat template that cannot be used fails before the weights
     model = AutoModelForCausalLM.from_pretrained(
         str(model_path), dtype=torch_dtype, trust_remote_code=trust_remote_code, **quantized
     )
@@ -357,12 +393,23 @@ def load_model_and_tokenizer(model_dir, tokenizer_path=None, lora_model=None, dt
     return model, tokenizer
 
 
+@contextlib.contextmanager
+def peft_quietly():
+    """PEFT asks the model whether it checkpoints through a property transformers deprecates,
+    warning on every adapter loaded or made; nothing the user can act on, so that one warning
+    is silenced while PEFT wraps the model."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
 def apply_adapter(model, lora_model, is_trainable=False):
     from peft import PeftModel
 
     path = Path(lora_model)
     if not (path / "adapter_config.json").is_file():
         raise ModelLoadError(f"lora_model '{lora_model}' holds no adapter_config.json")
+    check_adapter_config(path)
     args_file = path / TRAIN_ARGS_FILE
     if args_file.is_file():
         trained_vocab = json.loads(args_file.read_text(encoding="utf-8")).get("vocab_size")
@@ -373,7 +420,8 @@ def apply_adapter(model, lora_model, is_trainable=False):
                 f"but the base model has {vocab}"
             )
     try:
-        return PeftModel.from_pretrained(model, str(path), is_trainable=is_trainable)
+        with peft_quietly():
+            return PeftModel.from_pretrained(model, str(path), is_trainable=is_trainable)
     except pickle.UnpicklingError:
         # PEFT reads adapter_model.bin with weights_only=True, which refused what the file holds.
         raise ModelLoadError(
@@ -406,10 +454,30 @@ def is_full_model(folder):
     return (path / "config.json").is_file() and not (path / "adapter_config.json").is_file()
 
 
+def check_adapter_config(lora_model):
+    """An adapter folder's adapter_config.json, when it has one: valid JSON (PEFT's reader gives a
+    traceback for a cut file) and a LoRA adapter, the only kind training writes and merging
+    folds into the weights. Read before any weights load."""
+    path = Path(lora_model) / "adapter_config.json"
+    if not path.is_file():
+        return None
+    try:
+        config = json.loads(read_text(path))
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); the adapter folder is damaged or "
+                             f"was cut short: copy it again, or export it again from the run's last checkpoint") from None
+    peft_type = config.get("peft_type") if isinstance(config, dict) else None
+    if peft_type != "LORA":
+        raise ModelLoadError(f"adapter '{lora_model}' is a {peft_type or 'untyped'} adapter; this project trains and "
+                             f"loads LORA adapters ({path})")
+    return config
+
+
 def read_train_args(lora_model):
     path = Path(lora_model)
     if not path.is_dir():
         raise ModelLoadError(f"adapter folder '{lora_model}' does not exist; train one first (see README)")
+    check_adapter_config(path)
     args_file = path / TRAIN_ARGS_FILE
     if not args_file.is_file():
         return None
@@ -432,7 +500,7 @@ def read_train_args(lora_model):
 
 
 def load_for_inference(lora_model=None, model_dir=None, tokenizer_path=None, dtype="auto", device="auto",
-                       trust_remote_code=False, quantization=None, merge_lora=False):
+                       trust_remote_code=False, quantization=None, merge_lora=False, prompt_style=None):
     """Model, tokenizer and the training config, from an adapter folder, a fully fine-tuned
     model folder (`lora_model=<save_dir>/model`) or a bare model.
 
@@ -445,6 +513,9 @@ def load_for_inference(lora_model=None, model_dir=None, tokenizer_path=None, dty
     adapter; a fully fine-tuned folder is its own model and takes no other). So does
     `quantization`: None loads the base as training did (train_args.json's `quantization`), so
     a QLoRA adapter runs on the same 4-bit weights it was trained against.
+
+    The prompt style (`prompt_style`, else the adapter's) is checked against the tokenizer
+    before the weights load.
     """
     train_args = {}
     if lora_model and is_full_model(lora_model):
@@ -456,7 +527,8 @@ def load_for_inference(lora_model=None, model_dir=None, tokenizer_path=None, dty
         train_args = read_train_args(lora_model) or {}
         model, tokenizer = load_model_and_tokenizer(lora_model, tokenizer_path=tokenizer_path, dtype=dtype,
                                                     device=device, trust_remote_code=trust_remote_code,
-                                                    quantization=quantization or "none")
+                                                    quantization=quantization or "none",
+                                                    prompt_style=prompt_style or train_args.get("prompt_style"))
         return model, tokenizer, train_args
     if lora_model:
         train_args = read_train_args(lora_model)
@@ -470,6 +542,12 @@ def load_for_inference(lora_model=None, model_dir=None, tokenizer_path=None, dty
         if model_dir and recorded and Path(model_dir).resolve() != Path(recorded).resolve():
             print(f"warning: --model_dir={model_dir} differs from the base model the adapter was trained on "
                   f"({recorded}, in {Path(lora_model) / TRAIN_ARGS_FILE})", file=sys.stderr)
+        if not model_dir and recorded and not Path(recorded).is_absolute() and not Path(recorded).is_dir():
+            # Training records model_dir as it was given: relative to where training ran.
+            raise ModelLoadError(
+                f"{Path(lora_model) / TRAIN_ARGS_FILE} records model_dir '{recorded}', a path relative to the folder "
+                f"training ran in, and {Path.cwd()} holds no such folder; run from that folder or pass "
+                f"--model_dir=<base model>")
         model_dir = model_dir or recorded
     if not model_dir:
         raise ModelLoadError("no base model: pass --model_dir or --lora_model=<trained adapter folder>")
@@ -479,7 +557,7 @@ def load_for_inference(lora_model=None, model_dir=None, tokenizer_path=None, dty
     model, tokenizer = load_model_and_tokenizer(
         model_dir, tokenizer_path=tokenizer_path, lora_model=lora_model, dtype=dtype, device=device,
         trust_remote_code=trust_remote_code,  # never taken from train_args.json: an adapter cannot turn it on
-        quantization=quantization,
+        quantization=quantization, prompt_style=prompt_style or train_args.get("prompt_style"),
     )
     if merge_lora and lora_model and quantization == "none":
         model = model.merge_and_unload()

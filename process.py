@@ -21,14 +21,15 @@ import json
 import os
 import random
 import re
+import unicodedata
 from collections import Counter
 from pathlib import Path
 
 from tqdm import tqdm
 
 from config_utils import ConfigError, parse_config, run_cli
-from answer_format import ANSWER_FORMATS, entity_problem, label_name_problem, ner_instruct, write_answer
-from dataset import DATA_INFO_FILE, QUERY_PREFIX, DataError, read_text, write_json, write_jsonl
+from answer_format import ANSWER_FORMATS, LINE_BREAK, entity_problem, label_name_problem, ner_instruct, write_answer
+from dataset import DATA_INFO_FILE, QUERY_PREFIX, DataError, check_surrogates, read_text, write_json, write_jsonl
 
 MSRA_TRAIN_SENTENCES = 50658  # sentences 0..50657 of msra.txt are the standard training text
 
@@ -149,11 +150,29 @@ def decode_tags(tags, bioes=None):
     return entities, {"dropped_fragments": dropped, "malformed_tags": malformed, "unclosed": unclosed}
 
 
+# `char tag` lines are split at spaces and tabs only: a character may itself be a space of
+# another kind (U+3000 IDEOGRAPHIC SPACE, NBSP), which str.split() would take for a separator.
+_FIELDS = re.compile(r"[ \t]+")
+
+
+def _shown(line, limit=60):
+    line = line.strip(" \t\r")
+    return repr(line if len(line) <= limit else line[:limit] + "…")
+
+
+def _spaces_in(line):
+    """Why a line did not split in two, when it holds a space that is not a space or tab."""
+    odd = [ch for ch in dict.fromkeys(line.strip()) if ch.isspace() and ch not in " \t"]
+    named = ", ".join(f"U+{ord(ch):04X} {unicodedata.name(ch, 'a space')}" for ch in odd)
+    return f" (it holds {named}: character and tag are separated by a space or tab)" if odd else ""
+
+
 def read_tagged(path, label_names):
     """Character-per-line tag file -> list of sentences {text, entities, repair counts, line}."""
     raw, chars, tags, first = [], [], [], 0
     for lineno, line in _lines(path):
-        parts = line.split()
+        content = line.strip(" \t\r")
+        parts = _FIELDS.split(content) if content else []
         if not parts:
             if chars:
                 raw.append(("".join(chars), tags, first))
@@ -162,14 +181,14 @@ def read_tagged(path, label_names):
         if not chars:
             first = lineno
         if len(parts) != 2:
-            raise DataError(f"{path}:{lineno}: expected 'character tag', got {line.strip()!r}")
+            raise DataError(f"{path}:{lineno}: expected 'character tag', got {_shown(line)}{_spaces_in(line)}")
         char, tag = parts
         if len(char) != 1:
             # Offsets count characters: a multi-character token would shift every later entity.
-            raise DataError(f"{path}:{lineno}: expected one character per line, got {char!r}")
+            raise DataError(f"{path}:{lineno}: expected one character per line, got {_shown(char)}{_spaces_in(char)}")
         m = _TAG.match(tag)
         if not m:
-            raise DataError(f"{path}:{lineno}: tag {tag!r} is not O or B-/I-/M-/E-/S- plus a type")
+            raise DataError(f"{path}:{lineno}: tag {_shown(tag)} is not O or B-/I-/M-/E-/S- plus a type")
         if m.group(3) is not None and m.group(3) not in label_names:
             raise DataError(f"{path}:{lineno}: entity type {m.group(3)!r} is not in label_names ({', '.join(label_names)})")
         chars.append(char)
@@ -197,6 +216,7 @@ def read_jsonl(path, label_names):
             text = rec["text"]
             if not isinstance(text, str) or not isinstance(rec["entity_list"], list):
                 raise DataError(f"{where}: 'text' must be a string and 'entity_list' a list")
+            check_surrogates(rec, ["text"], where)
             entities = []
             for ent in rec["entity_list"]:
                 b, e = ent["entity_index"]["begin"], ent["entity_index"]["end"]
@@ -207,6 +227,10 @@ def read_jsonl(path, label_names):
                     raise DataError(f"{where}: entity offsets {b}..{e} do not fit a text of {len(text)} characters")
                 if "entity" in ent and text[b:e] != ent["entity"]:
                     raise DataError(f"{where}: text[{b}:{e}] is {text[b:e]!r}, not the entity {ent['entity']!r}")
+                if LINE_BREAK in text[b:e]:
+                    # An answer line ends at a line break: this entity's line could never be read back.
+                    raise DataError(f"{where}: entity {text[b:e]!r} (offsets {b}..{e}) holds a line break, which "
+                                    f"ends an answer line; fix its offsets or the text")
                 entities.append((b, e, etype))
         except json.JSONDecodeError as err:
             raise DataError(f"{where}: not valid JSON ({err.msg})") from None
@@ -313,6 +337,8 @@ def main(argv=None):
     cfg = parse_config(DEFAULTS, argv)
     if cfg.answer_format not in ANSWER_FORMATS:
         raise ConfigError(f"config key 'answer_format': {cfg.answer_format!r} is not one of {', '.join(ANSWER_FORMATS)}")
+    if cfg.dev_size < 0:
+        raise ConfigError(f"config key 'dev_size': {cfg.dev_size} must be 0 or more")
     label_names = parse_label_names(cfg.label_names, cfg.answer_format)
     instruct = cfg.instruct or ner_instruct(label_names, cfg.answer_format)
     if cfg.train_file:

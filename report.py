@@ -108,6 +108,26 @@ def write_report(path, metrics, examples):
     metrics.score_mentions. Writes one HTML file and returns its path."""
     from dataset import atomic_write_text
 
+    atomic_write_text(path, render_report(metrics, examples))
+    return path
+
+
+def _sample_note(metrics):
+    """What the scores stand for: a sample's are an estimate of the whole file's, with the
+    bootstrap interval test.py computed (sentences resampled)."""
+    parts = []
+    if metrics.get("sample"):
+        parts.append(f"These are a seeded random sample of {metrics['sample']} of the {metrics.get('sample_of', '?')} "
+                     f"sentences (seed {metrics.get('seed')}): the scores estimate those of the whole file.")
+    if metrics.get("f1_ci95"):
+        low, high = metrics["f1_ci95"]
+        parts.append(f"Micro F1 {metrics['f1']:.4f}, 95% bootstrap interval {low:.4f} - {high:.4f} (sentences "
+                     f"resampled).")
+    return f"\n<p>{html.escape(' '.join(parts))}</p>" if parts else ""
+
+
+def render_report(metrics, examples):
+    """The report page's text (write_report writes it; test.py commits it with its other outputs)."""
     mention = metrics["mention"]
     errors = mention["errors_per_type"]
     confusion = mention["confusion"]
@@ -129,7 +149,7 @@ def write_report(path, metrics, examples):
 <p>{metrics['num_examples']} sentences from {html.escape(str(metrics.get('test_path', '')))}; model
 {html.escape(str(metrics.get('lora_model') or 'base model'))}.
 Unparseable answer lines: {metrics['unparseable_lines']}; predicted strings not in their sentence:
-{metrics['pred_not_in_text']}.</p>
+{metrics['pred_not_in_text']}.</p>{_sample_note(metrics)}
 <h2>Summary (micro)</h2>{_table(["level", "precision", "recall", "F1"], summary)}
 <h2>Per type, set level</h2>{_table(["type", "precision", "recall", "F1", "support"], _level_rows(metrics))}
 <h2>Per type, mention level</h2>{_table(["type", "precision", "recall", "F1", "support"], _level_rows(mention))}
@@ -146,5 +166,4 @@ Unparseable answer lines: {metrics['unparseable_lines']}; predicted strings not 
 <script>{SCRIPT}</script>
 </body></html>
 """
-    atomic_write_text(path, page)
-    return path
+    return page

@@ -26,10 +26,44 @@ from pathlib import Path
 import torch
 
 from config_utils import ConfigError, UserError, check_writable
+from dataset import refuse_link
 from model_utils import TRAIN_ARGS_FILE, check_model_dir
 
 ADAPTER_DIR = "adapter_model"  # finetuning=lora: <save_dir>/adapter_model/ (adapter + tokenizer + train_args.json)
 MODEL_DIR = "model"  # finetuning=full: <save_dir>/model/ (whole model, loadable wherever an adapter folder is)
+
+
+# test.py's outputs, metrics.json last: it marks a complete evaluation (dataset.commit_files).
+EVAL_OUTPUTS = ("predictions.jsonl", "report.html", "metrics.json")
+
+
+def default_eval_dir(model_folder, test_path):
+    """Where test.py writes an evaluation unless told: beside the adapter (or model) folder, never
+    in it, since the run's next export (a resume, an overwrite) replaces that folder whole:
+    <save_dir>/eval_<test file> for a training run's export, else <folder>-eval_<test file>."""
+    folder, stem = Path(model_folder), Path(test_path).stem
+    if folder.name in (ADAPTER_DIR, MODEL_DIR):
+        return folder.parent / f"eval_{stem}"
+    return folder.with_name(f"{folder.name}-eval_{stem}")
+
+
+def move_evaluation(folder):
+    """Move an evaluation test.py wrote into `folder` (an export about to be replaced) to a new
+    folder beside it and say where; returns that folder, or None when there is none."""
+    found = [name for name in EVAL_OUTPUTS if (Path(folder) / name).is_file()]
+    if not found:
+        return None
+    base = default_eval_dir(folder, "earlier")
+    dest, n = base, 1
+    while dest.exists():
+        n += 1
+        dest = base.with_name(f"{base.name}-{n}")
+    dest.mkdir(parents=True)
+    for name in found:
+        os.replace(Path(folder) / name, dest / name)
+    print(f"note: the evaluation in {folder} ({', '.join(found)}) was moved to {dest}: the new export "
+          f"replaces that folder", flush=True)
+    return dest
 
 
 def output_dir(cfg):
@@ -155,11 +189,8 @@ def prepare_save_dir(cfg):
         for leftover in [*save_dir.glob(f".{ADAPTER_DIR}-*"), *save_dir.glob(f".{MODEL_DIR}-*")]:
             shutil.rmtree(leftover, ignore_errors=True)
     out = output_dir(cfg)
-    if out.is_symlink():
-        # The export replaces its folder with a rename: that would replace the link, never
-        # update what it points to, so a linked export folder is refused before any work.
-        raise UserError(f"{out} is a symbolic link (to {os.readlink(out)}); point --save_dir at the real folder "
-                        f"or remove the link")
+    # The export replaces its folder with a rename (staged_folder): refused before any work.
+    refuse_link(out, str(out), "point --save_dir at the real folder or remove the link")
     recorded = save_dir / TRAIN_ARGS_FILE
     if cfg.resume:
         if recorded.is_file():

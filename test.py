@@ -7,7 +7,8 @@
 
 The base model, columns, label set and max length come from the adapter's train_args.json.
 Writes predictions.jsonl (text, answer, output, entities), metrics.json and report.html to
-output_dir. Scores are reported at two levels: set level (the distinct (entity, type) pairs
+output_dir (by default <save_dir>/eval_<test file>, beside the adapter folder that a later export
+replaces), all three together, metrics.json last. Scores are reported at two levels: set level (the distinct (entity, type) pairs
 of each sentence, as LLM information-extraction papers count) and mention level (every
 annotated character span, as the BERT-CRF literature counts MSRA; gold spans come from the
 ori_data file process.py wrote beside the instruct data).
@@ -19,7 +20,8 @@ from pathlib import Path
 
 from answer_format import DEFAULT_ANSWER_FORMAT, parse
 from config_utils import ConfigError, check_writable, parse_config, run_cli
-from dataset import DataError, columns_of, load_data, read_data_info, read_text, sentence_of, write_json, write_jsonl
+from dataset import (DataError, columns_of, commit_files, json_text, jsonl_text, load_data, read_data_info, read_text,
+                     sentence_of)
 from metrics import bootstrap_f1, format_table, mention_spans, score, score_mentions
 from model_utils import (
     INFER_DEFAULTS,
@@ -27,10 +29,12 @@ from model_utils import (
     check_infer_config,
     label_names_for,
     load_from_config,
+    loaded_as,
     recorded_args,
 )
 from generation import ner_generate
-from report import write_report
+from report import render_report
+from run_folder import EVAL_OUTPUTS, default_eval_dir
 
 DEFAULTS = {
     **INFER_DEFAULTS,
@@ -38,7 +42,7 @@ DEFAULTS = {
     "limit": 0,  # evaluate the first N examples only (0 = all)
     "sample": 0,  # evaluate a seeded random sample of N examples (0 = all); metrics.json gets a bootstrap interval
     "seed": 0,  # the sample's seed
-    "output_dir": None,  # None: the adapter folder (or ./outputs/base_model with no_adapter)
+    "output_dir": None,  # None: beside the adapter folder, <save_dir>/eval_<test file> (./outputs/base_model with no_adapter)
 }
 
 
@@ -98,13 +102,11 @@ def gold_spans(test_path, linenos, texts):
     return spans
 
 
-OUTPUTS = ("predictions.jsonl", "metrics.json", "report.html")
-
-
 def prepare_output_dir(cfg):
-    out_dir = Path(cfg.output_dir or ("outputs/base_model" if cfg.no_adapter else cfg.lora_model))
+    out_dir = Path(cfg.output_dir or ("outputs/base_model" if cfg.no_adapter else
+                                      default_eval_dir(cfg.lora_model, cfg.test_path)))
     check_writable(out_dir, "output_dir")
-    for name in OUTPUTS:  # each is replaced by a rename, which a folder of that name would refuse
+    for name in EVAL_OUTPUTS:  # each is replaced by a rename, which a folder of that name would refuse
         if (out_dir / name).is_dir():
             raise ConfigError(f"config key 'output_dir': {out_dir / name} is a folder; it is where {name} goes")
     return out_dir
@@ -115,6 +117,9 @@ def main(argv=None):
 
     cfg = parse_config(DEFAULTS, argv)
     check_infer_config(cfg)
+    for key in ("limit", "sample"):
+        if cfg[key] < 0:
+            raise ConfigError(f"config key '{key}': {cfg[key]} must be 0 (all) or more")
     # The test file is checked, with the columns and labels the adapter was trained on, and the
     # output folder made, before the model loads: nothing after generation can fail on them.
     recorded = recorded_args(cfg)
@@ -123,8 +128,10 @@ def main(argv=None):
     records, linenos = load_data(cfg.test_path, columns, line_numbers=True)
     if cfg.limit > 0:
         records, linenos = records[:cfg.limit], linenos[:cfg.limit]
-    if 0 < cfg.sample < len(records):
-        keep = sorted(random.Random(cfg.seed).sample(range(len(records)), cfg.sample))  # file order kept
+    sample_of = len(records)
+    sample = cfg.sample if 0 < cfg.sample < sample_of else None  # as applied: a larger sample is all of them
+    if sample:
+        keep = sorted(random.Random(cfg.seed).sample(range(sample_of), sample))  # file order kept
         records, linenos = [records[i] for i in keep], [linenos[i] for i in keep]
     label_names = label_names_for(recorded, cfg.test_path)
     answer_format = answer_format_for(recorded)
@@ -150,22 +157,32 @@ def main(argv=None):
                          "bad_lines": len(pred.bad_lines)})
         rows.append({"text": text, "answer": rec[answer_col], "output": output,
                      "entities": [list(e) for e in pred.entities], "bad_lines": pred.bad_lines})
-    write_jsonl(out_dir / "predictions.jsonl", rows)
     metrics = score(examples, label_names)
     for ex, gold, sentence_spans in zip(examples, golds, spans or [None] * len(examples)):
         # Without ori_data, every occurrence of each gold string stands in for its spans.
         ex["gold_spans"] = sentence_spans if spans else mention_spans(ex["text"], gold.entities)
-    metrics.update(level="set", f1_ci95=bootstrap_f1(examples, seed=cfg.seed), sample=cfg.sample or None,
-                   seed=cfg.seed, grounding_policy=cfg.grounding_policy if cfg.grounded else None,
-                   eos_penalty=cfg.eos_penalty if cfg.grounded else None,
+    adapter = None if cfg.no_adapter else str(cfg.lora_model)
+    # What was scored, read from the loaded model: two runs of one adapter on other weights differ here.
+    metrics.update(level="set", f1_ci95=bootstrap_f1(examples, seed=cfg.seed), sample=sample,
+                   sample_of=sample_of if sample else None, seed=cfg.seed,
+                   grounding_policy=cfg.grounding_policy if cfg.grounded else None,
+                   eos_penalty=cfg.eos_penalty if cfg.grounded else None, max_new_tokens=cfg.max_new_tokens,
                    examples_per_second=len(records) / elapsed, queries_shortened=shortened,
-                   test_path=str(cfg.test_path), lora_model=None if cfg.no_adapter else str(cfg.lora_model),
+                   test_path=str(cfg.test_path), lora_model=adapter, **loaded_as(model, adapter),
                    label_names=label_names, answer_format=answer_format)
     metrics["mention"] = score_mentions(examples, label_names)
     metrics["mention"]["gold_spans"] = "annotated spans (ori_data)" if spans else "every occurrence of each gold string"
-    write_json(out_dir / "metrics.json", metrics)
-    write_report(out_dir / "report.html", metrics, examples)
+    # All three are written whole first, then renamed into place together, metrics.json last:
+    # an interruption leaves the earlier run's three files, never a mix of two runs.
+    texts = {"predictions.jsonl": jsonl_text(rows), "report.html": render_report(metrics, examples),
+             "metrics.json": json_text(metrics)}
+    commit_files([(out_dir / name, texts[name]) for name in EVAL_OUTPUTS])
     print(format_table(metrics))
+    if shortened:
+        print(f"note: {shortened} of {len(records)} prompts were cut to fit the model's "
+              f"{model.config.max_position_embeddings}-token context beside max_new_tokens={cfg.max_new_tokens} "
+              f"(their sentences lost characters from the end): the F1 above counts their answers; "
+              f"lower --max_new_tokens to read them whole")
     print(f"{len(records)} examples in {elapsed:.1f}s ({len(records) / elapsed:.1f} examples/s)")
     if not spans:
         print("note: no ori_data beside the test file: mention-level gold spans are every occurrence of each "

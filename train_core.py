@@ -17,7 +17,7 @@ from config_utils import ConfigError, parse_config
 from answer_format import DEFAULT_ANSWER_FORMAT, DEFAULT_LABEL_NAMES
 from dataset import COLUMN_DEFAULTS, PROMPT_STYLES, check_prompt_style, read_data_info, staged_folder, write_json
 from model_utils import TRAIN_ARGS_FILE, check_model_dir, check_quantization, meta_model
-from run_folder import output_dir, save_dir_lock
+from run_folder import move_evaluation, output_dir, save_dir_lock
 
 FINETUNING = ("lora", "full")
 
@@ -199,6 +199,7 @@ def export_trained(model, tokenizer, cfg, out_dir=None, extra_files=()):
         write_json(tmp / TRAIN_ARGS_FILE, resolved_args(cfg, tokenizer))
         for f in extra_files:
             shutil.copy(f, tmp)
+        move_evaluation(out_dir)  # the rename below would delete a test.py evaluation written into it
     return out_dir
 
 

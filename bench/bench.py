@@ -28,13 +28,14 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 import torch  # noqa: E402
 
 from config_utils import parse_config, run_cli  # noqa: E402
 from dataset import load_data  # noqa: E402
 from model_utils import meta_model, resolve_dtype  # noqa: E402
+from peak import eval_dtype, native_bf16  # noqa: E402
 
 DEFAULTS = {
     "model_dir": "",  # "" = a random LLaMA of `shape`, built with tokenizer_dir's tokenizer
@@ -325,21 +326,16 @@ def peak_flops(dtype):
     return 2 * n ** 3 / best, f"measured {n}x{n} {str(dt).replace('torch.', '')} matmul in this run"
 
 
-# bf16 matmuls that are not at least this much faster than fp32 ones are emulated (or nearly):
-# natively (AVX512-BF16, AMX) they measure 4-7x fp32 on 2-core CPUs, emulated well under 1x.
-BF16_GAIN = 1.5
-
-
-def eval_dtype(fp32_peak=None, bf16_peak=None):
-    """'bfloat16' on a CPU whose bf16 matmul is natively fast, else 'auto' (bf16 or fp16 on a GPU,
-    fp32 on other CPUs): the Gemma demo's evaluation dtype. Generation is matmul-bound there, and
-    bf16 answers score as fp32 ones do (README, "Speed on a real model"). Peaks already measured
-    in this process are passed in; the others are measured here."""
-    if torch.cuda.is_available():
-        return "auto"
-    fp32_peak = fp32_peak or peak_flops("float32")[0]
-    bf16_peak = bf16_peak or peak_flops("bfloat16")[0]
-    return "bfloat16" if bf16_peak >= BF16_GAIN * fp32_peak else "auto"
+def relative_paths(results):
+    """`results` with every path inside this checkout written relative to it (recursively):
+    results.json and BENCHMARKS.md are committed, and a checkout's place is no result."""
+    if isinstance(results, dict):
+        return {k: relative_paths(v) for k, v in results.items()}
+    if isinstance(results, list):
+        return [relative_paths(v) for v in results]
+    if isinstance(results, str) and str(ROOT) in results:
+        return results.replace(str(ROOT) + os.sep, "").replace(str(ROOT), ".")
+    return results
 
 
 def model_shape(model_dir):
@@ -449,7 +445,17 @@ def run_real_model(cfg, peak):
                 "own_best_allowed_demo_batch": dict(policy="best_allowed", batch_size=cfg.real_demo_batch_size),
                 "merged": dict(policy="best_allowed", batch_size=cfg.real_demo_batch_size),
                 "merged_bf16": dict(policy="best_allowed", batch_size=cfg.real_demo_batch_size)}
-    bf16_peak = peak_flops("bfloat16")[0] if not torch.cuda.is_available() else peak
+    bf16_skipped = None
+    if torch.cuda.is_available():
+        bf16_peak = peak
+    elif native_bf16()[0]:
+        bf16_peak = peak_flops("bfloat16")[0]
+    else:
+        # Emulated bf16 runs for hours here and is what make demo never does on such a CPU.
+        bf16_skipped = f"this CPU has no native bf16 ({native_bf16()[1]}): it would be emulated"
+        print(f"bf16 variant (g) skipped: {bf16_skipped}", flush=True)
+        del variants["merged_bf16"]
+        bf16_peak = None
     ner_generate(model, tokenizer, train_args, records[:2], max_new_tokens=4, grounded=True)  # warm-up, token table
     from dataset import PromptEncoder
     from generation import shared_prefix_length
@@ -481,6 +487,10 @@ def run_real_model(cfg, peak):
                        "grammar_share": grammar.seconds / elapsed}
     def differ_on(a, b):
         return sum(x != y for x, y in zip(outputs[a], outputs[b]))
+    bf16 = {} if bf16_skipped else {
+        "bf16_differ_on": differ_on("merged", "merged_bf16"),
+        "bf16_speedup": evals["merged_bf16"]["examples_per_second"] / evals["merged"]["examples_per_second"]}
+    demo = "merged" if bf16_skipped else "merged_bf16"  # what make demo runs on this machine
     return {
         "model": model_dir, "adapter": adapter or "untrained LoRA r=8 (all-linear)",
         "train_steps": steps, "train_batch_size": cfg.real_train_batch_size, "train": train,
@@ -494,13 +504,11 @@ def run_real_model(cfg, peak):
         "eos_penalty": cfg.real_eos_penalty,
         "policies_differ_on": differ_on("own_first_choice", "own_best_allowed"),
         "merged_differ_on": differ_on("own_best_allowed_demo_batch", "merged"),
-        "bf16_differ_on": differ_on("merged", "merged_bf16"), "bf16_peak_flops": bf16_peak,
-        "bf16_speedup": evals["merged_bf16"]["examples_per_second"] / evals["merged"]["examples_per_second"],
+        "bf16_peak_flops": bf16_peak, "bf16_skipped": bf16_skipped, **bf16,
         "own_loop_speedup": evals["own_best_allowed"]["examples_per_second"]
         / evals["transformers_first_choice"]["examples_per_second"],
-        "demo_speedup": evals["merged_bf16"]["examples_per_second"]
-        / evals["transformers_first_choice"]["examples_per_second"],
-        "test_py_then_and_now": run_test_py_then_and_now(cfg, adapter, model_dir, eval_dtype(peak, bf16_peak)),
+        "demo_speedup": evals[demo]["examples_per_second"] / evals["transformers_first_choice"]["examples_per_second"],
+        "test_py_then_and_now": run_test_py_then_and_now(cfg, adapter, model_dir, eval_dtype()),
     }
 
 
@@ -658,17 +666,20 @@ def real_model_markdown(r):
                                             "(make demo's batch)",
              "merged": "(f) as (e), the adapter folded into the weights (test.py's merge_lora)",
              "merged_bf16": f"(g) as (f), bf16 weights (make demo where bf16 is native; MFU against the bf16 "
-                            f"peak, {r['bf16_peak_flops'] / 1e9:.0f} GFLOP/s)"}
+                            f"peak, {(r.get('bf16_peak_flops') or 0) / 1e9:.0f} GFLOP/s)"}
+    names = {k: v for k, v in names.items() if k in e}
     lines += table_rows(e, names, lambda s: [f"{s['examples_per_second']:.2f}", f"{s['answer_tokens']:.1f}",
                                              f"{s['mfu']:.1%}", f"{s['grammar_share']:.1%}"])
+    skipped = r.get("bf16_skipped")
+    demo = "f" if skipped else "g"
     lines += ["", f"- own loop, allowed logits only, over transformers' generate (c/a): **{r['own_loop_speedup']:.2f}**; "
-                  f"make demo's path over (a) (g/a): **{r['demo_speedup']:.2f}**",
+                  f"make demo's path over (a) ({demo}/a): **{r['demo_speedup']:.2f}**",
               f"- (a) and (b) give identical answers: **{r['own_loop_identical']}**; (c) and (d): "
               f"**{r['allowed_logits_identical']}**; (c) and (e): **{r['demo_batch_identical']}**",
               f"- first_choice and best_allowed differ on {r['policies_differ_on']} of {r['eval_examples']} answers; "
-              f"(e) and (f) on {r['merged_differ_on']}; (f) and (g) on {r['bf16_differ_on']}",
+              f"(e) and (f) on {r['merged_differ_on']}" + ("" if skipped else f"; (f) and (g) on {r['bf16_differ_on']}"),
               f"- packed weights (c/c'): **{r['packed_speedup']:.2f}**; (c) and (c') differ on {r['packed_differ_on']} answers",
-              f"- bf16 over fp32 (g/f): **{r['bf16_speedup']:.2f}**", ""]
+              f"- (g) skipped: {skipped}" if skipped else f"- bf16 over fp32 (g/f): **{r['bf16_speedup']:.2f}**", ""]
     h = r.get("test_py_then_and_now")
     if h:
         lines += [f"test.py itself, then and now: test.py at commit {h['commit']} (before the real-model work) and "
@@ -758,10 +769,11 @@ def main(argv=None):
         "mfu": {**{f"train_{k}": v["mfu"] for k, v in train.items()},
                 **{f"eval_{k}": v.get("mfu") for k, v in evals.items()}},
     }
+    results = relative_paths(results)
     Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)
     Path(cfg.output).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     given = list(sys.argv[1:] if argv is None else argv)
-    command = " ".join(["python bench/bench.py", *given])
+    command = relative_paths(" ".join(["python bench/bench.py", *given]))
     write_markdown(cfg.markdown, results, command)
     print(json.dumps({k: v for k, v in results.items() if k.startswith(("train_s", "train_e", "eval_", "mfu", "peak"))},
                      indent=2))

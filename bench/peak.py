@@ -1,19 +1,62 @@
 """Print this machine's fp32 matmul peak (the demo's budget is stated at a peak) and what a time
-measured at one peak becomes at this one: `python bench/peak.py [minutes] [at GFLOP/s]`.
-`python bench/peak.py --eval-dtype` prints the dtype the demo evaluates in (eval_dtype)."""
+measured at one peak becomes at this one: `python bench/peak.py [minutes] [at GFLOP/s]`, then the
+dtype the demo evaluates in. `python bench/peak.py --eval-dtype` prints that dtype alone
+(eval_dtype), read from the CPU's features: on a CPU without native bf16 it imports nothing and
+measures nothing (bf16 emulated on an AVX2 CPU takes minutes for one 2048x2048 matmul)."""
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+HERE = Path(__file__).resolve().parent
+# The CPU features that multiply bf16 natively: x86's AVX512-BF16 and AMX (4-7x fp32 on 2 cores),
+# aarch64's BF16 instructions. Elsewhere bf16 is emulated, far slower than fp32.
+CPUINFO = Path("/proc/cpuinfo")
+NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16", "bf16")
 
-import torch  # noqa: E402
 
-from bench import eval_dtype, peak_flops  # noqa: E402
+def native_bf16():
+    """(whether this CPU multiplies bf16 natively, the flag that says so or why not), from the
+    CPU's feature flags, then oneDNN's own check (torch multiplies bf16 through it)."""
+    try:
+        text = CPUINFO.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False, f"no {CPUINFO} to read the CPU's features from"
+    flags = set()
+    for line in text.splitlines():
+        name, _, value = line.partition(":")
+        if name.strip().lower() in ("flags", "features"):
+            flags.update(value.split())
+    found = next((flag for flag in NATIVE_BF16_FLAGS if flag in flags), None)
+    if found is None:
+        return False, "no avx512_bf16 or amx_bf16 flag"
+    import torch
+
+    mkldnn = torch.ops.mkldnn
+    if not (torch.backends.mkldnn.is_available() and hasattr(mkldnn, "_is_mkldnn_bf16_supported")
+            and mkldnn._is_mkldnn_bf16_supported()):
+        return False, f"{found}, but this torch's oneDNN does not use it"
+    return True, found
+
+
+def eval_dtype():
+    """'bfloat16' on a CPU that multiplies bf16 natively, else 'auto' (bf16 or fp16 on a GPU, fp32
+    on other CPUs): the Gemma demo's evaluation dtype. Generation is matmul-bound there, and bf16
+    answers score as fp32 ones do (README, "Speed on a real model")."""
+    if not native_bf16()[0]:
+        return "auto"
+    import torch
+
+    return "auto" if torch.cuda.is_available() else "bfloat16"
+
 
 def main(argv):
     if argv == ["--eval-dtype"]:
         print(eval_dtype())
         return
+    sys.path[:0] = [str(HERE.parent), str(HERE)]
+    import torch
+
+    from bench import peak_flops
+
     flops, source = peak_flops("float32")
     line = f"machine peak: {flops / 1e9:.0f} GFLOP/s ({source})"
     if len(argv) == 2:
@@ -21,9 +64,12 @@ def main(argv):
         line += f"; a {minutes:g}-minute budget at {at:g} GFLOP/s is about {minutes * at / (flops / 1e9):.0f} minutes here"
     print(line)
     if not torch.cuda.is_available():
-        bf16, _ = peak_flops("bfloat16")
-        print(f"bf16 matmul: {bf16 / 1e9:.0f} GFLOP/s: test.py and predict.py run in "
-              + ("bfloat16" if eval_dtype(flops, bf16) == "bfloat16" else "fp32 (bf16 is not natively fast here)"))
+        native, why = native_bf16()
+        if native:  # fast here: worth showing beside the fp32 peak
+            bf16, _ = peak_flops("bfloat16")
+            print(f"eval dtype: bfloat16 (the CPU multiplies bf16 natively, {why}: {bf16 / 1e9:.0f} GFLOP/s)")
+        else:
+            print(f"eval dtype: fp32 (this CPU has no native bf16, {why}: bf16 would be emulated)")
 
 
 if __name__ == "__main__":

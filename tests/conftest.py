@@ -138,3 +138,18 @@ def score_adapter(adapter, test_path, batch_size=8):
                                         f"--batch_size={batch_size}", "--max_new_tokens=48", f"--output_dir={out}"])
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
     return metrics, [row["output"] for row in rows]
+
+
+@pytest.fixture(scope="session")
+def untrained_adapter(tmp_path_factory, tiny_model, train16):
+    """A LoRA adapter on the tiny model, exported as training exports one but without a step of
+    training (seconds, not a 150-step run): for what the scripts do around an adapter."""
+    from build import build_model, load_training_tokenizer
+    from config_utils import parse_config
+    from train_core import TRAIN_DEFAULTS, export_trained
+
+    save_dir = tmp_path_factory.mktemp("untrained-run")
+    cfg = parse_config(TRAIN_DEFAULTS, {"model_dir": str(tiny_model), "train_path": str(train16), "dev_path": "",
+                                        "save_dir": str(save_dir)})
+    model, tokenizer = build_model(cfg, load_training_tokenizer(cfg))
+    return export_trained(model, tokenizer, cfg)

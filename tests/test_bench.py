@@ -141,3 +141,95 @@ def test_test_py_then_and_now_runs_both_scripts_on_one_seeded_sample(tmp_path, t
     assert bench.run_test_py_then_and_now(cfg, adapter, str(tiny_model)) is None
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and out[0].startswith(f"test.py then-and-now skipped: git cannot read commit {'0' * 40}")
+
+
+# ------------------------------------------------------ bf16 where the CPU has it, decided without measuring
+
+class NoLargeBf16Matmul(torch.utils._python_dispatch.TorchDispatchMode):
+    """Refuses any bf16 matrix product on operands past 128x128: where bf16 is emulated (AVX2),
+    one 2048x2048 takes minutes; deciding the eval dtype may afford milliseconds."""
+
+    PRODUCTS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+                torch.ops.aten.matmul.default, torch.ops.aten.baddbmm.default}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.PRODUCTS and any(isinstance(a, torch.Tensor) and a.dtype == torch.bfloat16 and a.numel() > 128 * 128
+                                         for a in args):
+            raise AssertionError(f"a large bf16 matmul ({func}) decides the dtype")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def peak(monkeypatch):
+    """bench/peak.py as the demo runs it (its folder first on the path, as for a script)."""
+    import importlib
+    import sys
+
+    monkeypatch.syspath_prepend(str(bench.ROOT / "bench"))
+    for name in ("bench", "peak"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    return importlib.import_module("peak")
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_eval_dtype_is_decided_without_a_large_bf16_matmul(peak, monkeypatch, capsys, native):
+    monkeypatch.setattr(peak, "native_bf16", lambda: (native, "avx512_bf16" if native else "no bf16 flags"),
+                        raising=False)
+    with NoLargeBf16Matmul():
+        peak.main(["--eval-dtype"])
+    assert capsys.readouterr().out.strip() == ("bfloat16" if native else "auto")
+
+
+def test_demo_peak_line_measures_fp32_and_no_emulated_bf16(peak, monkeypatch, capsys):
+    monkeypatch.setattr(peak, "native_bf16", lambda: (False, "no avx512_bf16 or amx_bf16 flag"), raising=False)
+    with NoLargeBf16Matmul():
+        peak.main(["15", "185"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("machine peak: ") and "GFLOP/s (measured 2048x2048 float32 matmul" in lines[0]
+    assert lines[1] == ("eval dtype: fp32 (this CPU has no native bf16, no avx512_bf16 or amx_bf16 flag: bf16 "
+                        "would be emulated)")
+
+
+def test_native_bf16_reads_the_cpu_flags(peak, monkeypatch, tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    monkeypatch.setattr(peak, "CPUINFO", cpuinfo)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 fma\n")
+    assert peak.native_bf16()[0] is False and peak.eval_dtype() == "auto"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_tile\n")
+    assert peak.native_bf16() == (True, "avx512_bf16") and peak.eval_dtype() == "bfloat16"
+    cpuinfo.write_text("processor\t: 0\nFeatures\t: fp asimd bf16 i8mm\n")  # aarch64
+    assert peak.native_bf16() == (True, "bf16")
+
+
+def test_real_model_section_skips_emulated_bf16_and_writes_relative_paths(tiny_model, msra_dir, tmp_path, capsys,
+                                                                           monkeypatch):
+    data = msra_dir["dir"] / "instruct_data"
+    cfg = bench.parse_config(bench.DEFAULTS, {
+        "real_model_dir": str(tiny_model), "real_adapter": "", "train_path": str(data / "train.txt"),
+        "test_path": str(data / "test.txt"), "train_examples": 16, "real_train_steps": 1, "real_train_batch_size": 2,
+        "real_eval_examples": 4, "real_eval_batch_size": 4, "real_demo_batch_size": 4, "real_baseline_commit": "",
+        "work_dir": str(tmp_path / "work"), "dtype": "fp32"})
+    cfg.steps = 1  # as main sets it
+    monkeypatch.setattr(bench, "native_bf16", lambda: (False, "no avx512_bf16 or amx_bf16 flag"), raising=False)
+    # Which variants run is the question here, not their answers: generation is stood in for.
+    monkeypatch.setattr("generation.ner_generate", lambda model, tokenizer, args, records, **kw: (
+        ["没有"] * len(records), 0))
+    with NoLargeBf16Matmul():
+        real = bench.run_real_model(cfg, 1e11)
+    assert "merged_bf16" not in real["eval"] and "bf16_speedup" not in real
+    assert "bf16 variant (g) skipped: this CPU has no native bf16" in capsys.readouterr().out
+    page = "\n".join(bench.real_model_markdown(real))
+    assert "(g) skipped: this CPU has no native bf16" in page
+    # Paths inside the checkout are written relative to it: the files are committed.
+    inside = {**real, "model": str(bench.ROOT / "model_hub" / "gemma-3-270m"),
+              "adapter": str(bench.ROOT / "checkpoint" / "msra" / "gemma" / "adapter_model")}
+    page = "\n".join(bench.real_model_markdown(bench.relative_paths(inside)))
+    assert str(bench.ROOT) not in page and "model_hub/gemma-3-270m, adapter: checkpoint/msra/gemma/adapter_model" in page
+
+
+def test_committed_results_hold_no_path_of_a_checkout():
+    for name in ("BENCHMARKS.md", "bench/results.json", "bench/results_real_model.json"):
+        text = (bench.ROOT / name).read_text(encoding="utf-8")
+        assert "/work/" not in text and "/home/" not in text and str(bench.ROOT) not in text, name

@@ -8,6 +8,7 @@ for the Q8_0 tensor the blocks dequantised by hand), and the expected logits the
 model's forward pass: nothing of the converter or of transformers' GGUF reader computes them.
 """
 import json
+import os
 
 import gguf
 import numpy as np
@@ -86,8 +87,9 @@ def gguf_vocab(spm_dir, arch):
             {"bos": 2, "eos": 1, "unk": 3, "pad": 0})
 
 
-def write_gguf(path, arch, model, vocab, quantize=()):
-    """`model` as llama.cpp writes it (F32 tensors, the names in `quantize` as Q8_0)."""
+def write_gguf(path, arch, model, vocab, quantize=(), tokenizer=True, chat_template=None, alignment=None):
+    """`model` as llama.cpp writes it (F32 tensors, the names in `quantize` as Q8_0), with the
+    vocabulary in its metadata unless `tokenizer` is False, and `chat_template` if given."""
     _, tokens, scores, types, ids = vocab
     c = model.config
     w = gguf.GGUFWriter(str(path), arch)
@@ -107,17 +109,22 @@ def write_gguf(path, arch, model, vocab, quantize=()):
         w.add_value_length(c.head_dim)
         w.add_sliding_window(c.sliding_window)
         w.add_rope_freq_base(c.rope_parameters["full_attention"]["rope_theta"])
-    w.add_tokenizer_model("llama")
-    w.add_token_list(tokens)
-    w.add_token_scores(scores)
-    w.add_token_types(types)
-    w.add_bos_token_id(ids["bos"])
-    w.add_eos_token_id(ids["eos"])
-    w.add_unk_token_id(ids["unk"])
-    if ids["pad"] is not None:
-        w.add_pad_token_id(ids["pad"])
-    w.add_add_bos_token(True)
-    w.add_add_eos_token(False)
+    if tokenizer:
+        w.add_tokenizer_model("llama")
+        w.add_token_list(tokens)
+        w.add_token_scores(scores)
+        w.add_token_types(types)
+        w.add_bos_token_id(ids["bos"])
+        w.add_eos_token_id(ids["eos"])
+        w.add_unk_token_id(ids["unk"])
+        if ids["pad"] is not None:
+            w.add_pad_token_id(ids["pad"])
+        w.add_add_bos_token(True)
+        w.add_add_eos_token(False)
+    if chat_template is not None:
+        w.add_chat_template(chat_template)
+    if alignment is not None:
+        w.add_custom_alignment(alignment)
     for name, t in model.state_dict().items():
         if name == "lm_head.weight" and c.tie_word_embeddings:
             continue  # a tied head is not written: its absence is how a GGUF says "tied"
@@ -366,3 +373,126 @@ def test_real_gemma_tokenizes_trains_and_scores(train16, tmp_path):
     assert metrics["num_examples"] == 2 and metrics["unparseable_lines"] == 0  # grounded decoding
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
     assert len(rows) == 2 and all(row["output"] for row in rows)  # grounded answers: never empty
+
+
+# --------------------------------------------------------------------------- output folders, leftovers
+
+@pytest.fixture
+def no_conversion(monkeypatch):
+    """Fail loudly if a conversion starts: proves a refusal came before the long work."""
+    def boom(*args, **kwargs):
+        raise AssertionError("the conversion started before the error")
+
+    monkeypatch.setattr(convert, "load_config", boom)
+
+
+def test_linked_output_dir_is_refused_and_left_alone(tiny_gguf, tmp_path, capsys, no_conversion):
+    target = tmp_path / "real-model"
+    target.mkdir()
+    (target / "config.json").write_text("{}")
+    link = tmp_path / "model"
+    link.symlink_to(target)
+    run_refused(capsys, [f"--gguf_file={tiny_gguf}", f"--output_dir={link}", "--overwrite=True"],
+                f"output_dir '{link}' is a symbolic link (to {target})")
+    assert link.is_symlink() and os.listdir(target) == ["config.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "real-model"]  # nothing hidden beside them
+
+
+KILLED_DURING_WRITE = """
+import os, sys
+sys.path.insert(0, {root!r})
+from model_hub import convert_gguf_to_hf as convert
+write = convert.write_model
+def write_then_die(*args):
+    write(*args)
+    os._exit(9)  # as kill -9 would: no cleanup of any kind
+convert.write_model = write_then_die
+convert.main({argv!r})
+"""
+
+
+def test_leftovers_of_a_killed_conversion_are_removed_by_the_next(tiny_gguf, tmp_path):
+    import subprocess
+    import sys
+
+    out, temp = tmp_path / "models" / "tiny", tmp_path / "tmp"
+    temp.mkdir()
+    argv = [f"--gguf_file={tiny_gguf}", f"--output_dir={out}"]
+    env = {**os.environ, "TMPDIR": str(temp)}
+    killed = subprocess.run([sys.executable, "-c", KILLED_DURING_WRITE.format(root=str(ROOT), argv=argv)], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert killed.returncode == 9, killed.stderr[-2000:]
+    left = [p for p in [*out.parent.iterdir(), *temp.iterdir()] if p.name.startswith((".", "gguf-"))]
+    assert left, "the killed run left nothing to clean up"
+    done = subprocess.run([sys.executable, "model_hub/convert_gguf_to_hf.py", *argv], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["tiny"] and list(temp.iterdir()) == []
+    assert (out / "config.json").is_file()
+
+
+@pytest.mark.parametrize("where, fragment", [("under_a_file", "is a file, not a folder"),
+                                             ("unwritable", "cannot write in /proc/")])
+def test_output_dir_that_cannot_be_written_fails_before_converting(tiny_gguf, tmp_path, capsys, where, fragment,
+                                                                    no_conversion):
+    (tmp_path / "notes.txt").write_text("x")
+    out = tmp_path / "notes.txt" / "model" if where == "under_a_file" else "/proc/no-such-folder/model"
+    run_refused(capsys, [f"--gguf_file={tiny_gguf}", f"--output_dir={out}"], "config key 'output_dir'", fragment)
+
+
+def test_default_source_with_a_part_missing_is_one_line(tmp_path, capsys, monkeypatch, no_conversion):
+    import sys
+
+    pytest.importorskip(convert.PACKAGE)  # installed by make gemma (requirements-gemma.txt)
+    monkeypatch.setitem(sys.modules, convert.PACKAGE + "_part3", None)  # as if that package were not installed
+    run_refused(capsys, [f"--output_dir={tmp_path / 'out'}"], "cannot rebuild", "a part is missing",
+                convert.PACKAGE + "_part3", "requirements-gemma.txt")
+    assert not (tmp_path / "out").exists()
+
+
+def test_zero_alignment_is_one_line(spm_dir, tmp_path, capsys, no_conversion):  # noqa: F811
+    import struct
+
+    vocab = gguf_vocab(spm_dir, "gemma3")
+    good = write_gguf(tmp_path / "aligned32.gguf", "gemma3", tiny_source_model("gemma3", vocab), vocab, alignment=32)
+    entry = struct.pack("<Q", len("general.alignment")) + b"general.alignment" + struct.pack("<I", 4)
+    data = good.read_bytes()
+    assert data.count(entry + struct.pack("<I", 32)) == 1
+    bad = tmp_path / "aligned0.gguf"
+    bad.write_bytes(data.replace(entry + struct.pack("<I", 32), entry + struct.pack("<I", 0)))
+    run_refused(capsys, [f"--gguf_file={bad}", f"--output_dir={tmp_path / 'out'}"], str(bad),
+                "general.alignment is 0")
+
+
+def test_file_without_a_tokenizer_is_one_line(spm_dir, tmp_path, capsys, monkeypatch):  # noqa: F811
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the weights were read before the error")
+
+    monkeypatch.setattr(convert, "load_dequantised", no_weights)
+    vocab = gguf_vocab(spm_dir, "gemma3")
+    path = write_gguf(tmp_path / "no-tokenizer.gguf", "gemma3", tiny_source_model("gemma3", vocab), vocab,
+                      tokenizer=False)
+    run_refused(capsys, [f"--gguf_file={path}", f"--output_dir={tmp_path / 'out'}"], str(path),
+                "no tokenizer in its metadata (tokenizer.ggml.tokens)")
+
+
+# --------------------------------------------------------------------------- the chat template it copies
+
+@pytest.mark.parametrize("template, verdict", [
+    ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</{{ m['role'] }}>{% endfor %}<assistant>",
+     "prompt_style=chat_template can use it"),
+    ("{{ ''.__class__.__mro__ }}{% for m in messages %}{{ m['content'] }}{% endfor %}",
+     "prompt_style=chat_template refuses it: the chat template in {out}/chat_template.jinja cannot be used: the "
+     "sandbox refused it"),
+])
+def test_converter_says_what_chat_template_it_copied(spm_dir, tmp_path, capsys, template, verdict):  # noqa: F811
+    vocab = gguf_vocab(spm_dir, "gemma3")
+    path = write_gguf(tmp_path / "chat.gguf", "gemma3", tiny_source_model("gemma3", vocab), vocab,
+                      chat_template=template)
+    out = tmp_path / "out"
+    convert.main([f"--gguf_file={path}", f"--output_dir={out}"])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("chat template:")]
+    assert len(lines) == 1
+    assert f"{len(template):,} characters from the GGUF's metadata" in lines[0]
+    assert verdict.format(out=out) in lines[0]
+    assert (out / "chat_template.jinja").read_text(encoding="utf-8") == template

@@ -268,7 +268,7 @@ def test_ctrl_c_is_one_line(capsys):
     assert stop.value.code == 130
     err = capsys.readouterr().err
     assert "Traceback" not in err and [line for line in err.splitlines() if line] == [
-        "interrupted: nothing more was written (files from before are as they were)"]
+        "interrupted: no output of this run was written (files from before are as they were)"]
 
 
 def test_ctrl_c_in_test_py_leaves_the_outputs(adapter, msra_dir, tmp_path):
