@@ -124,6 +124,13 @@ def _chunkable(cache):
                                                for layer in cache.layers)
 
 
+# Answer tokens whose keys and values are reserved per row up front: those of a 64-token answer
+# (the default max_new_tokens; its last token is never run). Past them the room doubles as the
+# answers grow, up to the budget: MSRA answers take about 10 tokens, the longest ~60, so
+# max_new_tokens=20000 holds what 64 does unless an answer is that long.
+RESERVE_TOKENS = 64 - 1
+
+
 class _ReservedKV:
     """A dynamic cache layer whose keys and values sit at the front of buffers with room for the
     tokens still to come: each decode step writes its token in place, where transformers' own
@@ -132,14 +139,30 @@ class _ReservedKV:
     of the filled part, so attention reads exactly the tensors the dynamic layer would hold.
     """
 
-    def reserve(self, room, zeroed=False):
+    def reserve(self, room, zeroed=False, now=None):
+        """Room for `room` more tokens, of which `now` (default: all) are allocated at once; the
+        rest as update needs them, doubling the buffers (zeroed: the first allocation only)."""
         filled = self.keys.shape[-2]
+        self._limit = filled + room
+        size = filled + (room if now is None else min(room, now))
         self._buffers = []
         for held in (self.keys, self.values):
-            buffer = (held.new_zeros if zeroed else held.new_empty)((*held.shape[:-2], filled + room, held.shape[-1]))
+            buffer = (held.new_zeros if zeroed else held.new_empty)((*held.shape[:-2], size, held.shape[-1]))
             buffer[..., :filled, :] = held
             self._buffers.append(buffer)
         self._show(filled)
+
+    def _grow(self, needed):
+        """Buffers of at least `needed` tokens: twice the current size, within the reserved room
+        (copied once, so the steps a doubling lasts write in place again)."""
+        filled, size = self.keys.shape[-2], self._buffers[0].shape[-2]
+        size = max(needed, min(2 * size, self._limit))
+        grown = []
+        for buffer in self._buffers:
+            new = buffer.new_empty((*buffer.shape[:-2], size, buffer.shape[-1]))
+            new[..., :filled, :] = buffer[..., :filled, :]
+            grown.append(new)
+        self._buffers = grown
 
     def _show(self, filled):
         self.keys, self.values = (buffer[..., :filled, :] for buffer in self._buffers)
@@ -152,11 +175,10 @@ class _ReservedKV:
 
     def update(self, key_states, value_states, *args, **kwargs):
         filled, new = self.keys.shape[-2], key_states.shape[-2]
-        if filled + new > self._buffers[0].shape[-2]:  # more than reserved: grow as the dynamic layer does
-            self._buffers = [torch.cat([b[..., :filled, :], s], dim=-2) for b, s in zip(self._buffers, (key_states, value_states))]
-        else:
-            self._buffers[0][..., filled:filled + new, :] = key_states
-            self._buffers[1][..., filled:filled + new, :] = value_states
+        if filled + new > self._buffers[0].shape[-2]:
+            self._grow(filled + new)
+        self._buffers[0][..., filled:filled + new, :] = key_states
+        self._buffers[1][..., filled:filled + new, :] = value_states
         if hasattr(self, "cumulative_length"):
             self.cumulative_length += new
         self._show(filled + new)
@@ -219,20 +241,23 @@ def _converted(layer, full, sliding):
     return new
 
 
-def _shared_prefix_cache(prefix_kv, rows, room):
-    """A batch of `rows` over the shared prefix `prefix_kv` (one row), each row with room for
-    `room` own tokens (_SharedPrefixKV); None where a layer is not transformers' dynamic kind or
-    a sliding window could not hold the prefix and the room (there the prefix is copied)."""
+def _shared_prefix_cache(prefix_kv, rows, width, room):
+    """A batch of `rows` over the shared prefix `prefix_kv` (one row), each row with room for its
+    `width` own prompt tokens and `room` answer tokens (_SharedPrefixKV); None where a layer is
+    not transformers' dynamic kind or a sliding window could not hold the prefix and the room
+    (there the prefix is copied)."""
     if not _chunkable(prefix_kv):
         return None
     layers = []
     for layer in prefix_kv.layers:
-        if not layer.is_initialized or not _holds(layer, room):
+        if not layer.is_initialized or not _holds(layer, width + room):
             return None
         shared = _converted(layer, _SharedPrefixLayer, _SharedPrefixSlidingLayer)
         shared.prefix_keys, shared.prefix_values = layer.keys, layer.values
         shared.keys, shared.values = (t.new_empty((rows, *t.shape[1:-2], 0, t.shape[-1])) for t in (layer.keys, layer.values))
-        shared.reserve(room, zeroed=True)  # left padding a trimmed chunk skips stays zero (and masked)
+        # The prompt's room whole (prefill chunks write into it in place), the answers' as they grow;
+        # left padding a trimmed chunk skips stays zero (and masked).
+        shared.reserve(width + room, zeroed=True, now=width + RESERVE_TOKENS)
         layers.append(shared)
     return _with_layers(prefix_kv, layers)
 
@@ -320,7 +345,7 @@ def _reserved_cache(cache, room):
     for i, layer in enumerate(cache.layers):
         if layer.is_initialized and _holds(layer, room):
             cache.layers[i] = _converted(layer, _ReservedLayer, _ReservedSlidingLayer)
-            cache.layers[i].reserve(room)
+            cache.layers[i].reserve(room, now=RESERVE_TOKENS)
     return cache
 
 
@@ -413,7 +438,7 @@ def _prefill(model, body, input_ids, attention_mask, prefix_kv, shared, prefill_
     # would be alone.
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     rows, width = input_ids.shape[0], input_ids.shape[1] - shared
-    batch_cache = _shared_prefix_cache(prefix_kv, rows, width + room) if _shares_prefix(model, prefix_kv) else None
+    batch_cache = _shared_prefix_cache(prefix_kv, rows, width, room) if _shares_prefix(model, prefix_kv) else None
     chunks = _row_chunks(attention_mask[:, shared:].sum(-1).tolist(), prefill_tokens, trim=batch_cache is not None)
     if batch_cache is None and len(chunks) > 1 \
             and not _chunkable(prefix_kv if prefix_kv is not None else DynamicCache(config=model.config)):
@@ -445,14 +470,19 @@ def _prefill(model, body, input_ids, attention_mask, prefix_kv, shared, prefill_
     return _reserved_cache(cache, room), torch.cat(hidden)
 
 
+class _WindowReached(Exception):
+    """A batch's rows outgrew the places its sliding window may hold while it shares the prefix."""
+
+
 def _greedy(model, input_ids, attention_mask, prefix_kv, shared, max_new_tokens, eos_id, answers=None,
-            prefill_tokens=PREFILL_TOKENS):
+            prefill_tokens=PREFILL_TOKENS, max_places=None):
     """Greedy decoding of one left-padded batch; the generated ids of each row, EOS excluded.
 
     Rows that finish leave the batch (their cache rows are dropped), so the rest run on a
     smaller batch. With grounding (`answers`) and the `best_allowed` policy only the logits of
     the tokens some row can allow are computed: the hidden state times those rows of the output
-    matrix, a few thousand of a vocabulary that may hold 262,144.
+    matrix, a few thousand of a vocabulary that may hold 262,144. With `max_places`, a step
+    that would make the cache hold more places (prefix, padding and tokens) raises _WindowReached.
     """
     body, head, by_rows = _output_layer(model)
     restricted = answers is not None and not answers.needs_full_logits and by_rows
@@ -460,9 +490,9 @@ def _greedy(model, input_ids, attention_mask, prefix_kv, shared, max_new_tokens,
     rows = None  # the output layer's rows for token_ids, gathered once per batch
     if token_ids is not None:
         rows = (head.weight[token_ids], None if head.bias is None else head.bias[token_ids])
-    # Room for every answer token but the last chosen, which is never run.
-    cache, hidden = _prefill(model, body, input_ids, attention_mask, prefix_kv, shared, prefill_tokens,
-                             max_new_tokens - 1)
+    # Room for every answer token but the last chosen, which is never run (reserved as they come).
+    room = max_new_tokens - 1 if max_places is None else min(max_new_tokens - 1, max_places - input_ids.shape[1])
+    cache, hidden = _prefill(model, body, input_ids, attention_mask, prefix_kv, shared, prefill_tokens, room)
     alive = list(range(input_ids.shape[0]))  # batch rows still generating, in cache order
     generated = [[] for _ in alive]
     with _attending(model, cache):  # the same cache object every step: switched once per batch
@@ -491,11 +521,28 @@ def _greedy(model, input_ids, attention_mask, prefix_kv, shared, max_new_tokens,
                 attention_mask = attention_mask[index]
                 alive = [alive[j] for j in keep]
                 tokens = [tokens[j] for j in keep]
+            if max_places is not None and attention_mask.shape[1] + 1 > max_places:
+                raise _WindowReached
             attention_mask = torch.nn.functional.pad(attention_mask, (0, 1), value=1)
             out = body(input_ids=torch.tensor(tokens, device=input_ids.device)[:, None], attention_mask=attention_mask,
                        position_ids=attention_mask.sum(-1, keepdim=True) - 1, cache=cache, use_cache=True)
             cache, hidden = out.cache, out.last_hidden_state[:, -1]
     return generated
+
+
+def _batch_inputs(prompts, batch, longest, shared, pad_id, device):
+    """(input ids, attention mask) of a batch, left-padded to `longest`, laid out as
+    [shared prefix | left padding | own tokens] where `shared` tokens are cached once."""
+    input_ids = torch.full((len(batch), longest), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(batch), longest), dtype=torch.long)
+    for row, i in enumerate(batch):
+        own = prompts[i][shared:]
+        start = longest - len(own)
+        input_ids[row, start:] = torch.tensor(own)
+        attention_mask[row, start:] = 1
+        input_ids[row, :shared] = torch.tensor(prompts[i][:shared])
+        attention_mask[row, :shared] = 1
+    return input_ids.to(device), attention_mask.to(device)
 
 
 @torch.inference_mode()
@@ -537,12 +584,6 @@ def generate(model, tokenizer, prompts, max_new_tokens=64, batch_size=8, progres
         prompts = [p if len(p) <= max_prompt_tokens else p[:1] + p[len(p) - max_prompt_tokens + 1:] for p in prompts]
     shared = shared_prefix_length(prompts) if prefix_cache else 0
     window = attention_window(model.config)
-    if shared and window is not None and max(len(p) for p in prompts) + max_new_tokens > window:
-        # A cached row is [shared prefix | left padding | own tokens]: positions come from the mask,
-        # but a sliding window counts places in the cache, padding included, so keys near its edge
-        # would drop out early. Where every row fits inside the window (Gemma 3: 512 tokens, an
-        # MSRA prompt and answer under 200) nothing can drop out and the cache stays exact.
-        shared = 0
     if grounding is not None:
         import grounding as grounding_module
 
@@ -552,42 +593,53 @@ def generate(model, tokenizer, prompts, max_new_tokens=64, batch_size=8, progres
     own_greedy = own_loop and not gen_config.do_sample
     # transformers' generate (the reference, and sampling) multiplies as the model does.
     with packed_linears(model) if packed_weights and own_greedy else contextlib.nullcontext():
-        prefix_kv = None
-        if shared:
-            prefix = torch.tensor([prompts[0][:shared]], device=device)
-            prefix_kv = _output_layer(model)[0](input_ids=prefix, use_cache=True).cache  # only K/V: no logits
+        prefix_kv = None  # the shared prefix's keys and values, computed for the first batch that uses them
         outputs = [None] * len(prompts)
         for batch in _length_sorted_batches([len(p) for p in prompts], batch_size):
             longest = max(len(prompts[i]) for i in batch)
-            input_ids = torch.full((len(batch), longest), pad_id, dtype=torch.long)
-            attention_mask = torch.zeros((len(batch), longest), dtype=torch.long)
-            for row, i in enumerate(batch):
-                own = prompts[i][shared:]
-                start = longest - len(own)
-                input_ids[row, start:] = torch.tensor(own)
-                attention_mask[row, start:] = 1
-                input_ids[row, :shared] = torch.tensor(prompts[i][:shared])
-                attention_mask[row, :shared] = 1
-            input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-            answers = None
-            if grounding is not None:
-                answers = grounding_module.answer_states(tokenizer, grounding, batch, max_new_tokens, candidates,
-                                                         greedy=not gen_config.do_sample)
-            if not own_greedy:
-                from transformers import LogitsProcessorList
+            # A cached row is [shared prefix | left padding | own tokens]: positions come from the
+            # mask, but a sliding window counts places in the cache, padding included, so keys near
+            # its edge would drop out early. A batch shares the prefix while its places fit the
+            # window (Gemma 3: 512, an MSRA prompt and answer under 200), decided per batch: a long
+            # row costs its own batch the prefix, not every batch. The own loop checks the places
+            # as the answers grow and redoes the rare batch that outgrows them without the prefix;
+            # transformers' generate is held to the whole budget up front.
+            max_places, batch_shared = None, shared
+            if shared and window is not None:
+                if own_greedy:  # the window holds window - 1 places: the prompt and a first step, to begin with
+                    max_places = window - 1
+                    batch_shared = shared if longest + 1 <= max_places else 0
+                else:
+                    batch_shared = shared if longest + max_new_tokens <= window else 0
+            if batch_shared and prefix_kv is None:
+                prefix = torch.tensor([prompts[0][:shared]], device=device)
+                prefix_kv = _output_layer(model)[0](input_ids=prefix, use_cache=True).cache  # only K/V: no logits
+            new_ids = None
+            while new_ids is None:
+                input_ids, attention_mask = _batch_inputs(prompts, batch, longest, batch_shared, pad_id, device)
+                answers = None
+                if grounding is not None:
+                    answers = grounding_module.answer_states(tokenizer, grounding, batch, max_new_tokens, candidates,
+                                                             greedy=not gen_config.do_sample)
+                if not own_greedy:
+                    from transformers import LogitsProcessorList
 
-                extra = {}
-                if prefix_kv is not None:
-                    extra["cache"] = copy.deepcopy(prefix_kv)
-                    extra["cache"].batch_repeat_interleave(len(batch))
-                if answers is not None:
-                    extra["logits_processor"] = LogitsProcessorList([grounding_module.GroundedLogitsProcessor(answers)])
-                generated = model.generate(input_ids=input_ids, attention_mask=attention_mask,
-                                           generation_config=gen_config, **extra)
-                new_ids = [generated[row, longest:].tolist() for row in range(len(batch))]
-            else:
-                new_ids = _greedy(model, input_ids, attention_mask, prefix_kv, shared, max_new_tokens,
-                                  tokenizer.eos_token_id, answers, prefill_tokens)
+                    extra = {}
+                    if batch_shared:
+                        extra["cache"] = copy.deepcopy(prefix_kv)
+                        extra["cache"].batch_repeat_interleave(len(batch))
+                    if answers is not None:
+                        extra["logits_processor"] = LogitsProcessorList([grounding_module.GroundedLogitsProcessor(answers)])
+                    generated = model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                               generation_config=gen_config, **extra)
+                    new_ids = [generated[row, longest:].tolist() for row in range(len(batch))]
+                    continue
+                try:
+                    new_ids = _greedy(model, input_ids, attention_mask, prefix_kv if batch_shared else None,
+                                      batch_shared, max_new_tokens, tokenizer.eos_token_id, answers, prefill_tokens,
+                                      max_places if batch_shared else None)
+                except _WindowReached:
+                    batch_shared = 0  # an answer outgrew the window: the batch again, without the prefix
             for row, (i, new) in enumerate(zip(batch, new_ids)):
                 if tokenizer.eos_token_id in new:
                     new = new[:new.index(tokenizer.eos_token_id)]

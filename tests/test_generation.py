@@ -216,3 +216,103 @@ def test_packed_linears_compute_the_layers_and_leave_nothing_behind(tiny_model):
         head = model.get_output_embeddings()
         head.weight.mul_(2)
         torch.testing.assert_close(model(input_ids=ids).logits, plain * 2, rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------- a long row, a generous budget
+
+def _recording_greedy(monkeypatch):
+    """Spy on the own loop: each batch's shared-prefix length (0: the batch runs without it)."""
+    import generation
+
+    seen, greedy = [], generation._greedy
+
+    def record(model, input_ids, attention_mask, prefix_kv, shared, *args, **kwargs):
+        seen.append(shared if prefix_kv is not None else 0)
+        return greedy(model, input_ids, attention_mask, prefix_kv, shared, *args, **kwargs)
+
+    monkeypatch.setattr(generation, "_greedy", record)
+    return seen
+
+
+def test_a_row_longer_than_the_window_loses_the_prefix_cache_alone(tiny_model, train16, tmp_path, monkeypatch):
+    """Gemma 3's sliding window counts places in the cache, padding included, so a batch whose
+    rows outgrow it cannot share the prefix: only that batch runs without it."""
+    from generation import generate, shared_prefix_length
+    from model_utils import load_model_and_tokenizer
+
+    build("gemma3", tiny_model, tmp_path / "gemma3", sliding_window=512)
+    model, tokenizer = load_model_and_tokenizer(str(tmp_path / "gemma3"), dtype="float32", device="cpu")
+    records = load_data(train16)[:5]
+    long = {**records[0], "query": records[0]["query"] + records[1]["query"] * 12}
+    encoder = PromptEncoder({"prompt_style": "alpaca"}, tokenizer)
+    prompts = [encoder.inference_ids(r, 8, 4096)[0] for r in records + [long]]
+    assert len(prompts[-1]) + 8 > 512 > max(map(len, prompts[:-1])) + 8  # one row outgrows the window
+    shared = shared_prefix_length(prompts)
+    seen = _recording_greedy(monkeypatch)
+    outputs = generate(model, tokenizer, prompts, max_new_tokens=8, batch_size=2)
+    assert seen == [shared, shared, 0]  # length-sorted batches: the long row is the last batch's
+    assert outputs == generate(model, tokenizer, prompts, max_new_tokens=8, batch_size=2, prefix_cache=False)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_a_generous_budget_costs_what_a_short_one_does_when_answers_are_short(arch, tiny_model, train16, tmp_path,
+                                                                             monkeypatch):
+    """The room an answer's keys and values take is reserved as the answers grow, not for the
+    whole budget up front: with answers of a few tokens, max_new_tokens=20000 holds the caches
+    max_new_tokens=64 holds, keeps the shared prefix (Gemma 3's 512-token window included) and
+    gives the same answers."""
+    import json
+
+    from generation import ner_generate
+    from model_utils import load_model_and_tokenizer
+
+    folder = tmp_path / arch
+    build(arch, tiny_model, folder, **({"sliding_window": 512} if arch == "gemma3" else {}))
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 32768}))  # room for 20000
+    model, tokenizer = load_model_and_tokenizer(str(folder), dtype="float32", device="cpu")
+    records = load_data(train16)[:6]
+    held = []  # per decode step, the positions the caches hold room for, over all layers and rows
+
+    def record(module, args, kwargs):
+        if kwargs["input_ids"].shape[1] == 1:
+            held.append(sum(buf.shape[0] * buf.shape[-2] for layer in kwargs["cache"].layers
+                            for buf in getattr(layer, "_buffers", [layer.keys])))
+    hook = model.model.register_forward_pre_hook(record, with_kwargs=True)
+    seen = _recording_greedy(monkeypatch)
+    runs = {}
+    for budget in (64, 20000):
+        held.clear()
+        del seen[:]
+        # An EOS bonus ends every answer at its first place an answer may end (grounding).
+        outputs, _ = ner_generate(model, tokenizer, {}, records, batch_size=3, max_new_tokens=budget, grounded=True,
+                                  eos_penalty=-1000.0)
+        runs[budget] = (outputs, max(held), list(seen))
+    hook.remove()
+    assert runs[20000][0] == runs[64][0]
+    assert runs[20000][1] == runs[64][1]  # the same room held
+    assert runs[20000][2] == runs[64][2] and all(runs[64][2])  # the shared prefix in every batch
+
+
+def test_answers_that_outgrow_the_window_redo_their_batch_without_the_prefix(tiny_model, train16, tmp_path,
+                                                                             monkeypatch):
+    """A batch shares the prefix while its places fit the sliding window; one whose answers grow
+    past it is run again without the prefix, so the answers are those of the plain batches."""
+    from generation import generate, shared_prefix_length
+    from model_utils import load_model_and_tokenizer
+
+    records = load_data(train16)[:4]
+    probe, _ = load_model_and_tokenizer(str(tiny_model), device="cpu")
+    del probe
+    build("gemma3", tiny_model, tmp_path / "probe", sliding_window=512)
+    _, tokenizer = load_model_and_tokenizer(str(tmp_path / "probe"), dtype="float32", device="cpu")
+    prompts = prompts_of(tokenizer, records, 24)
+    window = max(map(len, prompts)) + 12  # the prompts fit, 24 answer tokens do not
+    build("gemma3", tiny_model, tmp_path / "gemma3", sliding_window=window)
+    model, tokenizer = load_model_and_tokenizer(str(tmp_path / "gemma3"), dtype="float32", device="cpu")
+    seen = _recording_greedy(monkeypatch)
+    outputs = generate(model, tokenizer, prompts, max_new_tokens=24, batch_size=4)
+    shared = shared_prefix_length(prompts)
+    assert seen == [shared, 0]  # tried with the prefix, redone without it
+    assert outputs == generate(model, tokenizer, prompts, max_new_tokens=24, batch_size=4, prefix_cache=False)
+    assert max(len(tokenizer.encode(o, add_special_tokens=False)) for o in outputs) > 12  # answers did outgrow it
