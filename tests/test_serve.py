@@ -95,12 +95,17 @@ class Server:
             raise AssertionError(f"serve.py did not stop within {timeout} s of {sig!r}:\n{self.output()[-3000:]}")
 
 
-def predict_py(tmp_path, texts, *options, instruct):
-    """predict.py's own run on `texts` (instruct JSONL, so that every text reaches it exactly as
-    given) -> its --output_file records."""
-    source, out = tmp_path / "texts.jsonl", tmp_path / "predict.jsonl"
-    source.write_text("".join(json.dumps({"instruct": instruct, "query": QUERY_PREFIX + t}, ensure_ascii=False) + "\n"
-                              for t in texts), encoding="utf-8")
+def predict_py(tmp_path, texts, *options, instruct=None):
+    """predict.py's own run on `texts` -> its --output_file records. A text file, one text a line,
+    where predict.py picks the instruction itself; with `instruct`, instruct JSONL, so that texts
+    with line breaks or surrounding spaces reach it exactly as given."""
+    source, out = tmp_path / "texts.txt", tmp_path / "predict.jsonl"
+    if instruct is None:
+        assert all(t == t.strip() and "\n" not in t for t in texts)
+        source.write_text("".join(t + "\n" for t in texts), encoding="utf-8")
+    else:
+        source.write_text("".join(json.dumps({"instruct": instruct, "query": QUERY_PREFIX + t}, ensure_ascii=False)
+                                  + "\n" for t in texts), encoding="utf-8")
     run_cmd([PYTHON, "predict.py", f"--input_file={source}", f"--output_file={out}", *options], timeout=600)
     return [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
 
@@ -147,6 +152,7 @@ def base_texts(msra_dir):
 
 @pytest.fixture(scope="module")
 def base_expected(tmp_path_factory, base_options, base_texts):
+    # A model without train_args.json is asked with the standard instruction, as predict.py asks it.
     return predict_py(tmp_path_factory.mktemp("predict"), base_texts, *base_options,
                       instruct=ner_instruct(DEFAULT_LABEL_NAMES))
 
@@ -422,14 +428,13 @@ def adapter_server(tmp_path_factory, adapter):
 
 
 @pytest.fixture(scope="module")
-def memorised(tmp_path_factory, adapter, train16):
-    """The 16 memorised sentences, their concatenation (a long text) and a few unseen ones, with
-    predict.py's records for them."""
+def memorised(tmp_path_factory, adapter, train16, msra_dir):
+    """The 16 memorised sentences, three unseen test sentences and the memorised ones joined (a
+    long text), with predict.py's records for them."""
     texts = [r["query"].removeprefix(QUERY_PREFIX) for r in load_data(train16)]
-    texts.append("".join(texts))
-    instruct = json.loads((adapter / "train_args.json").read_text(encoding="utf-8"))["instruct"]
+    texts += sentences(msra_dir, 3) + ["".join(texts)]
     return texts, predict_py(tmp_path_factory.mktemp("predict-adapter"), texts, f"--lora_model={adapter}",
-                             *ADAPTER_OPTIONS, instruct=instruct)
+                             *ADAPTER_OPTIONS)
 
 
 def test_adapter_answers_equal_predict_py_records(adapter_server, memorised):
