@@ -3,28 +3,39 @@
     make bench-load                 # python bench/load.py (make bench runs it too, after bench.py)
     python bench/load.py --quick=True
 
-The same MSRA test sentences are answered three ways in one run, on one machine:
+The same MSRA test sentences are answered several ways in one run, on one machine:
   one at a time   predict.py's reading (predict.predict_records) of one sentence after another in
                   this process, the model loaded once: what serving each request as it comes costs;
   N clients       serve.py in its own process, N client threads each sending one sentence per
                   request and the next when the answer is back, until every sentence is answered.
+The ways take turns in rounds over shares of the sentences (both models stay loaded), so that a
+job that starts or stops elsewhere on the machine mid-run slows every row alike.
 Requests/s, and p50/p99 latency (per request, as the client sees it). The server's own counters
 give its batches. Every answer is checked against the one-at-a-time record of the same sentence.
 The model is bench.py's random LLaMA (bench shape, with the tiny tokenizer: make bench builds it);
 then Gemma 3 270M with a tuned adapter when both are there (make demo), else one line says why not.
 Results go to bench/load_results.json and to BENCHMARKS.md's last section (rewritten in place).
 """
-import http.client
-import json
-import math
 import os
-import signal
-import socket
-import subprocess
-import sys
-import threading
-import time
-from pathlib import Path
+
+# The one-at-a-time row runs in this process's main thread, the server's generation in a worker
+# thread. With OpenMP's default spinning wait, a busy machine slowed the main thread's parallel
+# regions many times over and the worker's not (beside a training job: 7.1 against 0.48 s a
+# sentence, same model and code); waiting passively, both took 0.55 s. Set before torch loads, and
+# inherited by the server.
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import http.client  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "bench"), str(ROOT)]  # `bench` is bench/bench.py, not the folder
@@ -40,6 +51,7 @@ DEFAULTS = {
     "test_path": str(ROOT / "data" / "msra" / "instruct_data" / "test.txt"),
     "sentences": 200,  # MSRA test sentences, the same for every row (quick: 64)
     "clients": [1, 8, 32],  # concurrent clients, one row each
+    "rounds": 2,  # the sentences are measured in this many shares, every row in turn for each share
     "max_new_tokens": 16,  # as bench.py's evaluation on the random model
     "batch_size": 32,  # serve.py's --batch_size (test.py's default)
     "batch_wait_ms": 10.0,  # serve.py's default
@@ -69,28 +81,33 @@ def summary(latencies, seconds):
             "p50_ms": 1000 * percentile(latencies, 50), "p99_ms": 1000 * percentile(latencies, 99)}
 
 
-def one_at_a_time(options, texts):
-    """predict.py's reading of each text in turn, in this process -> (stats, records)."""
-    import predict
-    from model_utils import instruct_for, label_names_for, load_from_config, recorded_args
+class OneAtATime:
+    """predict.py's reading of one text after another, in this process, the model loaded once."""
 
-    cfg = parse_config(predict.DEFAULTS, options)
-    recorded = recorded_args(cfg)
-    labels, instruct = label_names_for(recorded), instruct_for(recorded)
-    model, tokenizer, train_args = load_from_config(cfg)
-    read = lambda text: predict.predict_records(  # noqa: E731
-        model, tokenizer, train_args, [{"instruct": instruct, "query": QUERY_PREFIX + text}], cfg, labels)[0]
-    for text in texts[:2]:  # warm-up, as serve.py answers one text before it listens
-        read(text)
-    records, latencies = [], []
-    start = time.perf_counter()
-    for text in texts:
-        t = time.perf_counter()
-        records.append(read(text))
-        latencies.append(time.perf_counter() - t)
-    stats = summary(latencies, time.perf_counter() - start)
-    del model
-    return stats, records
+    def __init__(self, options):
+        import predict
+        from model_utils import instruct_for, label_names_for, load_from_config, recorded_args
+
+        self.predict = predict
+        self.cfg = parse_config(predict.DEFAULTS, options)
+        recorded = recorded_args(self.cfg)
+        self.labels, self.instruct = label_names_for(recorded), instruct_for(recorded)
+        self.model, self.tokenizer, self.train_args = load_from_config(self.cfg)
+
+    def read(self, text):
+        record = {"instruct": self.instruct, "query": QUERY_PREFIX + text}
+        return self.predict.predict_records(self.model, self.tokenizer, self.train_args, [record], self.cfg,
+                                            self.labels)[0]
+
+    def __call__(self, texts):
+        """-> (latencies, seconds, records)"""
+        records, latencies = [], []
+        start = time.perf_counter()
+        for text in texts:
+            t = time.perf_counter()
+            records.append(self.read(text))
+            latencies.append(time.perf_counter() - t)
+        return latencies, time.perf_counter() - start, records
 
 
 class Serve:
@@ -138,7 +155,7 @@ class Serve:
 
 def load(server, texts, clients):
     """`clients` threads, each with its own keep-alive connection, send the texts one per request
-    until all are answered -> (stats, records in text order)."""
+    until all are answered -> (latencies, seconds, records in text order, batches the server ran)."""
     records, latencies, failures = [None] * len(texts), [], []
     lock, next_text = threading.Lock(), iter(range(len(texts)))
     ready = threading.Barrier(clients + 1)
@@ -168,43 +185,59 @@ def load(server, texts, clients):
     threads = [threading.Thread(target=client) for _ in range(clients)]
     for thread in threads:
         thread.start()
-    before = server.get("/info")["stats"]
+    before = server.get("/info")["stats"]["batches"]
     ready.wait()
     start = time.perf_counter()
     for thread in threads:
         thread.join()
     seconds = time.perf_counter() - start
-    after = server.get("/info")["stats"]
     if failures:
         raise RuntimeError(f"{len(failures)} requests failed, e.g. {failures[0]}")
-    stats = summary(latencies, seconds)
-    stats["clients"] = clients
-    stats["batches"] = after["batches"] - before["batches"]
-    stats["texts_per_batch"] = len(texts) / stats["batches"]
-    return stats, records
+    return latencies, seconds, records, server.get("/info")["stats"]["batches"] - before
 
 
 def run_model(name, options, texts, cfg, work):
-    print(f"{name}: {len(texts)} sentences one at a time ...", flush=True)
-    single, expected = one_at_a_time(options, texts)
-    print(f"  {single['requests_per_second']:.2f} requests/s", flush=True)
+    """Every row over the same texts, in `rounds` rounds: each round reads its share of the texts
+    one at a time, then serves it to 1, 8, 32 clients. Whatever else the machine runs meanwhile
+    slows every row alike, not the one that happened to run then."""
+    print(f"{name}: {len(texts)} sentences, {cfg.rounds} rounds ...", flush=True)
+    single = OneAtATime(options)
     server = Serve({**options, "batch_size": cfg.batch_size, "batch_wait_ms": cfg.batch_wait_ms},
                    work / f"serve-{name}.log", cfg.startup_timeout)
-    rows = []
+    rows = {"one": {"latencies": [], "seconds": 0.0, "records": [], "batches": 0}}
+    rows.update({c: {"latencies": [], "seconds": 0.0, "records": [], "batches": 0} for c in cfg.clients})
     try:
+        single(texts[:2])  # warm-up, as serve.py answers one text before it listens
         for clients in cfg.clients:
-            load(server, texts[:min(len(texts), 2 * clients)], clients)  # warm-up: connections, batch shapes
-            stats, records = load(server, texts, clients)
-            stats["answers_identical"] = records == expected
-            stats["speedup"] = stats["requests_per_second"] / single["requests_per_second"]
-            rows.append(stats)
-            print(f"  {clients} clients: {stats['requests_per_second']:.2f} requests/s ({stats['speedup']:.2f}x), "
-                  f"p50 {stats['p50_ms']:.0f} ms, p99 {stats['p99_ms']:.0f} ms, "
-                  f"{stats['texts_per_batch']:.1f} texts per batch", flush=True)
+            load(server, texts[:2 * clients], clients)  # warm-up: connections, batch shapes
+        for k in range(cfg.rounds):
+            part = texts[k * len(texts) // cfg.rounds:(k + 1) * len(texts) // cfg.rounds]
+            measured = {"one": (*single(part), len(part))}
+            measured.update({c: load(server, part, c) for c in cfg.clients})
+            for key, (latencies, seconds, records, batches) in measured.items():
+                rows[key]["latencies"] += latencies
+                rows[key]["seconds"] += seconds
+                rows[key]["records"] += records
+                rows[key]["batches"] += batches
+            print(f"  round {k + 1}: " + ", ".join(f"{key}: {len(part) / m[1]:.2f}/s" for key, m in measured.items()),
+                  flush=True)
     finally:
         server.stop()
-    return {"sentences": len(texts), "options": {k: str(v) for k, v in options.items()}, "one_at_a_time": single,
-            "served": rows}
+    one = rows.pop("one")
+    base = summary(one["latencies"], one["seconds"])
+    served = []
+    for clients, row in rows.items():
+        stats = summary(row["latencies"], row["seconds"])
+        stats.update(clients=clients, texts_per_batch=len(texts) / row["batches"],
+                     speedup=stats["requests_per_second"] / base["requests_per_second"],
+                     answers_identical=row["records"] == one["records"])
+        served.append(stats)
+        print(f"  {clients} clients: {stats['requests_per_second']:.2f} requests/s ({stats['speedup']:.2f}x), "
+              f"p50 {stats['p50_ms']:.0f} ms, p99 {stats['p99_ms']:.0f} ms, "
+              f"{stats['texts_per_batch']:.1f} texts per batch", flush=True)
+    print(f"  one at a time: {base['requests_per_second']:.2f} requests/s", flush=True)
+    return {"sentences": len(texts), "rounds": cfg.rounds, "options": {k: str(v) for k, v in options.items()},
+            "one_at_a_time": base, "served": served}
 
 
 def markdown(results, command):
@@ -212,15 +245,16 @@ def markdown(results, command):
              f"Produced by `{command}` on {results['machine']}, {results['date']}: serve.py in its own process "
              f"(--batch_size={results['batch_size']}, --batch_wait_ms={results['batch_wait_ms']:g}), N client "
              f"threads in this one, each sending one MSRA test sentence per request and the next when its answer "
-             f"is back; beside it predict.py's reading of the same sentences one after another in one process "
-             f"(the model loaded once). Latency is per request, as the client sees it; batches are the "
-             f"server's own count.", ""]
+             f"is back; beside it predict.py's reading of the same sentences one after another in this process "
+             f"(the model loaded once). The rows take turns, in rounds over shares of the sentences, so that "
+             f"other work on the machine slows them alike. Latency is per request, as the client sees it; "
+             f"batches are the server's own count.", ""]
     for name, r in results["models"].items():
         if r is None:
             continue
         s = r["one_at_a_time"]
-        lines += [f"{name}, {r['sentences']} sentences, up to {r['options']['max_new_tokens']} new tokens "
-                  f"(grounded):", "",
+        lines += [f"{name}, {r['sentences']} sentences in {r['rounds']} rounds, up to "
+                  f"{r['options']['max_new_tokens']} new tokens (grounded):", "",
                   "| how | requests/s | vs one at a time | p50 latency | p99 latency | texts per batch | "
                   "answers as one at a time |", "|---|---|---|---|---|---|---|",
                   f"| predict.py, one at a time | {s['requests_per_second']:.2f} | 1.00x | {s['p50_ms']:.0f} ms | "
