@@ -13,7 +13,11 @@ TORCH_INDEX ?=
 DEMO_DIR ?= checkpoint/msra/demo
 PYTEST_ARGS ?=
 
+<<<<<<< HEAD
 .PHONY: test test-fast demo demo-full-test demo-scratch venv browser bench clean-demo gemma FORCE
+=======
+.PHONY: test test-fast demo demo-full-test demo-scratch venv browser bench bench-load clean-demo gemma
+>>>>>>> serve
 
 venv: $(STAMP)
 
@@ -203,10 +207,17 @@ demo-full-test: venv
 	    $(call STAGE_END,score all 4631 test sentences)
 
 # Throughput, side by side (BENCHMARKS.md); QUICK=1 for a short run. Needs the demo's data and tiny tokenizer.
+# bench-load alone rewrites only BENCHMARKS.md's last section (serve.py under 1, 8 and 32 concurrent clients).
 bench: venv
 	test -f data/msra/instruct_data/test.txt || $(PY) process.py
 	test -f model_hub/tiny-llama/tokenizer.json || $(PY) model_hub/build_tiny_llama.py
 	$(PY) bench/bench.py $(if $(QUICK),--quick=True,)
+	$(PY) bench/load.py $(if $(QUICK),--quick=True,)
+
+bench-load: venv
+	test -f data/msra/instruct_data/test.txt || $(PY) process.py
+	test -f model_hub/tiny-llama/tokenizer.json || $(PY) model_hub/build_tiny_llama.py
+	$(PY) bench/load.py $(if $(QUICK),--quick=True,)
 
 clean-demo:
 	rm -rf $(DEMO_DIR)

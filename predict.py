@@ -170,18 +170,13 @@ def joined_output(answer_format, outputs):
     return "\n".join(found) if found else NO_ENTITY
 
 
-def main(argv=None):
-    cfg = parse_config(DEFAULTS, argv)
-    check_infer_config(cfg)
-    recorded = recorded_args(cfg)
-    label_names = label_names_for(recorded)
-    answer_format = answer_format_for(recorded)
-    records = read_inputs(cfg, cfg.instruct or instruct_for(recorded))
-    if cfg.limit > 0:
-        records = records[:cfg.limit]
-    if cfg.output_file:
-        check_writable(cfg.output_file, "output_file", folder=False)  # before the model loads
-    model, tokenizer, train_args = load_from_config(cfg)
+def predict_records(model, tokenizer, train_args, records, cfg, label_names):
+    """Instruct records -> one result per record: {text, entities [{entity, type, begin, end}],
+    windows, output}, the record --output_file holds. Long texts are read in windows; `cfg` gives
+    the INFER_DEFAULTS answer keys (batch_size, max_new_tokens, grounding); the answer format is
+    the adapter's (train_args). serve.py answers through this function too, so the server and
+    this script cannot disagree about a text."""
+    answer_format = answer_format_for(train_args)
     # Records here use the standard column names whatever the adapter was trained with.
     train_args = {**train_args, **COLUMN_DEFAULTS}
     pieces, owners, starts = windowed(records, tokenizer, train_args, cfg.max_new_tokens,
@@ -201,8 +196,24 @@ def main(argv=None):
                 span["begin"] += start
                 span["end"] += start
             result["entities"].append(span)
-    for rec, result in zip(records, results):
+    for result in results:
         result["output"] = joined_output(answer_format, result.pop("outputs"))
+    return results
+
+
+def main(argv=None):
+    cfg = parse_config(DEFAULTS, argv)
+    check_infer_config(cfg)
+    recorded = recorded_args(cfg)
+    label_names = label_names_for(recorded)
+    records = read_inputs(cfg, cfg.instruct or instruct_for(recorded))
+    if cfg.limit > 0:
+        records = records[:cfg.limit]
+    if cfg.output_file:
+        check_writable(cfg.output_file, "output_file", folder=False)  # before the model loads
+    model, tokenizer, train_args = load_from_config(cfg)
+    results = predict_records(model, tokenizer, train_args, records, cfg, label_names)
+    for rec, result in zip(records, results):
         print("=" * 100)
         print(f"文本 >>>  {result['text']}")
         if result["windows"] > 1:

@@ -75,6 +75,9 @@ DEFAULTS = {
 }
 
 
+# BENCHMARKS.md from this line to its end is bench/load.py's section: kept when this script rewrites the rest.
+LOAD_MARKER = "<!-- bench/load.py: the section below is rewritten by make bench-load -->"
+
 SHAPES = {
     "bench": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8),
     "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -633,7 +636,9 @@ def write_markdown(path, results, command):
               "Padding, recomputed prefixes and Python overhead lower MFU.", ""]
     if results.get("real_model"):
         lines += real_model_markdown(results["real_model"])
-    Path(path).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    old = Path(path).read_text(encoding="utf-8") if Path(path).is_file() else ""
+    load_section = ["", LOAD_MARKER + old.split(LOAD_MARKER, 1)[1].rstrip("\n")] if LOAD_MARKER in old else []
+    Path(path).write_text("\n".join(lines + load_section) + "\n", encoding="utf-8")
 
 
 def real_model_markdown(r):

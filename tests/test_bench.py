@@ -1,8 +1,10 @@
-"""The benchmark's model-FLOPs arithmetic, against counts done by hand."""
+"""The benchmark's model-FLOPs arithmetic and the load bench's statistics, against counts done by hand."""
+import json
+
 import pytest
 import torch
 
-from conftest import load_script
+from conftest import ROOT, load_script
 
 bench = load_script("bench/bench")
 
@@ -233,3 +235,29 @@ def test_committed_results_hold_no_path_of_a_checkout():
     for name in ("BENCHMARKS.md", "bench/results.json", "bench/results_real_model.json"):
         text = (bench.ROOT / name).read_text(encoding="utf-8")
         assert "/work/" not in text and "/home/" not in text and str(bench.ROOT) not in text, name
+
+
+def test_load_percentiles_by_hand():
+    load = load_script("bench/load")
+    values = [v / 1000 for v in range(200, 0, -1)]  # 0.001 .. 0.200 s, in no particular order
+    assert load.percentile(values, 50) == 0.100 and load.percentile(values, 99) == 0.198
+    assert load.percentile([0.5], 99) == 0.5
+    stats = load.summary([0.1, 0.3, 0.2, 0.4], seconds=2.0)
+    assert (stats["requests_per_second"], stats["p50_ms"], stats["p99_ms"]) == (2.0, 200.0, 400.0)
+
+
+def test_load_section_replaces_itself_and_survives_bench_rewriting_the_rest(tmp_path):
+    load = load_script("bench/load")
+    md = tmp_path / "BENCHMARKS.md"
+    md.write_text("# Benchmarks\n\nthe training table\n", encoding="utf-8")
+    load.write_section(md, load.MARKER + "\n\n## Serving under load\n\nfirst run\n")
+    load.write_section(md, load.MARKER + "\n\n## Serving under load\n\nsecond run\n")
+    text = md.read_text(encoding="utf-8")
+    assert text.count(load.MARKER) == 1 and "first run" not in text
+    assert text.startswith("# Benchmarks\n\nthe training table\n") and text.endswith("second run\n")
+    # bench.py writes its own sections and keeps the load section as it was.
+    results = json.loads((ROOT / "bench" / "results.json").read_text(encoding="utf-8"))
+    bench.write_markdown(md, results, "python bench/bench.py")
+    text = md.read_text(encoding="utf-8")
+    assert "the training table" not in text and "## Training" in text
+    assert text.count(load.MARKER) == 1 and text.endswith("## Serving under load\n\nsecond run\n")
