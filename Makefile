@@ -13,11 +13,7 @@ TORCH_INDEX ?=
 DEMO_DIR ?= checkpoint/msra/demo
 PYTEST_ARGS ?=
 
-<<<<<<< HEAD
-.PHONY: test test-fast demo demo-full-test demo-scratch venv browser bench clean-demo gemma FORCE
-=======
-.PHONY: test test-fast demo demo-full-test demo-scratch venv browser bench bench-load clean-demo gemma
->>>>>>> serve
+.PHONY: test test-fast demo demo-full-test demo-scratch venv browser bench bench-load clean-demo gemma FORCE
 
 venv: $(STAMP)
 
@@ -106,33 +102,37 @@ $(GEMMA_DIR)/config.json: $(GEMMA_STAMP)
 # on a seeded sample of the test set, and asked about three test sentences. Every stage prints its
 # time; the machine's fp32 matmul peak is measured first (the budget is 15 minutes at 185 GFLOP/s,
 # a slower machine takes longer). Each choice and why: README, "The demo"; one line each here:
-#   steps      100 of 16 (1,600 examples): what the budget holds, about 7 s a step at 109 GFLOP/s
+#   format     inline (the sentence copied, each entity written [实体|类型]): dev F1 0.741 against 0.612 for
+#              seed and typed at the same budget (bench/formats.py; README, "Answer formats")
+#   steps      100 of 16 (1,600 examples): what the budget holds
 #   batch      16: the 75-token shared prefix serves more rows (0.50 s an example against 0.61 at 8)
 #   lr         1e-3, cosine: 100 steps of 8 at 1e-3 reached F1 0.53; 2e-4 is for thousands of steps
 #   data       half the entity-free sentences, as the from-scratch demo
+#   length     max_seq_length 512: an inline answer copies its sentence, so no example may be cut (longest 408)
 #   lora       the defaults (r=8, all linear layers), dropout 0 so steps repeat exactly; no dev loss (time)
-#   test       a seeded 1,000 with a bootstrap interval: all 4,631 take ~5 minutes at 201 GFLOP/s (demo-full-test: F1 0.623)
-#   eos        --eos_penalty=1.5: best of 0, 1, 1.5, 2, 3 on 300 seeded dev sentences (F1 0.52 -> 0.62)
-#   policy     first_choice: F1 0.584 against 0.574 for best_allowed on the 1,000 (paired 95% interval of the
-#              difference 0.005-0.014), 17.3 against 19.0 sentences/s in bf16
+#   test       a seeded 1,000 with a bootstrap interval (demo-full-test: all 4,631)
+#   policy     best_allowed: dev F1 0.741 against 0.727 for first_choice, and it computes only allowed logits
+#   eos        0: an inline answer may end only after the whole copy, so the penalty has nothing to weigh
 #   eval batch 64: 11.4 sentences/s against 10.0 at test.py's default 32 (same answers); 32 stays the
 #              default, where a 7B model's KV cache must fit a 24 GB GPU
-#   eval dtype bfloat16 where the CPU multiplies bf16 natively (bench/peak.py --eval-dtype reads its features):
-#              19.0 sentences/s against 10.2 in fp32 on the 1,000, F1 0.574 against 0.575; else fp32
+#   eval dtype bfloat16 where the CPU multiplies bf16 natively (bench/peak.py --eval-dtype reads its features), else fp32
+GEMMA_FORMAT ?= inline
 GEMMA_RUN ?= checkpoint/msra/gemma
+GEMMA_MAX_SEQ_LENGTH ?= 512
 GEMMA_STEPS ?= 100
 GEMMA_BATCH ?= 16
 GEMMA_LR ?= 1e-3
 GEMMA_NO_ENTITY ?= 0.5
 GEMMA_SAMPLE ?= 1000
-GEMMA_EOS_PENALTY ?= 1.5
+GEMMA_EOS_PENALTY ?= 0
 GEMMA_EVAL_BATCH ?= 64
-GEMMA_POLICY ?= first_choice
+GEMMA_POLICY ?= best_allowed
 # Decided once per make from the CPU's features (no measuring: a fraction of a second).
 GEMMA_EVAL_DTYPE ?= $(eval GEMMA_EVAL_DTYPE := $$(shell $(PY) bench/peak.py --eval-dtype))$(GEMMA_EVAL_DTYPE)
-# Where process.py writes MSRA (data/msra/...).
+# Where process.py writes MSRA in the demo's answer format (data/msra_inline/...; the seed format: data/msra).
 DEMO_DATA_ROOT ?= data
-DEMO_DATA := $(DEMO_DATA_ROOT)/msra/instruct_data
+DEMO_DATA_NAME := $(if $(filter seed,$(GEMMA_FORMAT)),msra,msra_$(GEMMA_FORMAT))
+DEMO_DATA := $(DEMO_DATA_ROOT)/$(DEMO_DATA_NAME)/instruct_data
 STAGE = t=$$SECONDS &&
 STAGE_END = && echo "[demo] $(1): $$((SECONDS - t)) s"
 
@@ -151,19 +151,19 @@ GEMMA_TRAIN_CMD = $(PY) train_trainer.py --model_dir=$(GEMMA_DIR) --save_dir=$(G
 	--train_path=$(DEMO_DATA)/train.txt --dev_path=$(DEMO_DATA)/dev.txt \
 	--seed=$(DEMO_SEED) --max_steps=$(GEMMA_STEPS) --train_batch_size=$(GEMMA_BATCH) --learning_rate=$(GEMMA_LR) \
 	--lora_dropout=0.0 --warmup_ratio=0.03 --lr_scheduler_type=cosine --no_entity_fraction=$(GEMMA_NO_ENTITY) \
-	--eval_steps=0 --save_steps=50 --log_steps=10
+	--eval_steps=0 --save_steps=50 --log_steps=10 --max_seq_length=$(GEMMA_MAX_SEQ_LENGTH)
 GEMMA_SCORE_CMD = $(PY) test.py --lora_model=$(GEMMA_RUN)/adapter_model --test_path=$(DEMO_DATA)/test.txt \
 	--sample=$(GEMMA_SAMPLE) --seed=0 --eos_penalty=$(GEMMA_EOS_PENALTY) --batch_size=$(GEMMA_EVAL_BATCH) \
 	--dtype=$(GEMMA_EVAL_DTYPE) --grounding_policy=$(GEMMA_POLICY) --output_dir=$(GEMMA_RUN)/eval_sample
 GEMMA_PREDICT_CMD = $(PY) predict.py --lora_model=$(GEMMA_RUN)/adapter_model --input_file=$(DEMO_DATA)/test.txt \
 	--limit=3 --eos_penalty=$(GEMMA_EOS_PENALTY) --dtype=$(GEMMA_EVAL_DTYPE) --grounding_policy=$(GEMMA_POLICY) \
 	--output_file=$(GEMMA_PREDICTED)
-CORE_CODE := config_utils.py dataset.py model_utils.py chat_template.py
+CORE_CODE := config_utils.py dataset.py model_utils.py chat_template.py answer_format.py
 TRAIN_CODE := $(CORE_CODE) train_trainer.py train_core.py build.py loss.py run_folder.py
-EVAL_CODE := $(CORE_CODE) generation.py grounding.py metrics.py run_folder.py
+EVAL_CODE := $(CORE_CODE) generation.py grounding.py grammar.py metrics.py run_folder.py
 
 $(DEMO_PROCESSED): process.py $(CORE_CODE) $(STAMP)
-	$(PY) process.py --data_root=$(DEMO_DATA_ROOT)
+	$(PY) process.py --data_root=$(DEMO_DATA_ROOT) --data_name=$(DEMO_DATA_NAME) --answer_format=$(GEMMA_FORMAT)
 $(GEMMA_ADAPTER): $(DEMO_PROCESSED) $(GEMMA_DIR)/config.json $(TRAIN_CODE) $(GEMMA_RUN)/.train.settings
 	$(GEMMA_TRAIN_CMD)
 $(GEMMA_SCORED): $(GEMMA_ADAPTER) $(EVAL_CODE) test.py report.py $(GEMMA_RUN)/.score.settings
@@ -201,7 +201,7 @@ demo: venv
 demo-full-test: export OMP_NUM_THREADS = $(DEMO_THREADS)
 demo-full-test: export OMP_WAIT_POLICY = PASSIVE
 demo-full-test: venv
-	@$(STAGE) $(PY) test.py --lora_model=$(GEMMA_RUN)/adapter_model --eos_penalty=$(GEMMA_EOS_PENALTY) \
+	@$(STAGE) $(PY) test.py --lora_model=$(GEMMA_RUN)/adapter_model --test_path=$(DEMO_DATA)/test.txt --eos_penalty=$(GEMMA_EOS_PENALTY) \
 	    --batch_size=$(GEMMA_EVAL_BATCH) --dtype=$(GEMMA_EVAL_DTYPE) --grounding_policy=$(GEMMA_POLICY) \
 	    --output_dir=$(GEMMA_RUN)/eval_test \
 	    $(call STAGE_END,score all 4631 test sentences)

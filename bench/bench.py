@@ -34,7 +34,8 @@ import torch  # noqa: E402
 
 from config_utils import parse_config, run_cli  # noqa: E402
 from dataset import load_data  # noqa: E402
-from model_utils import meta_model, resolve_dtype  # noqa: E402
+from answer_format import DEFAULT_ANSWER_FORMAT  # noqa: E402
+from model_utils import answer_format_for, meta_model, resolve_dtype  # noqa: E402
 from peak import eval_dtype, native_bf16  # noqa: E402
 
 DEFAULTS = {
@@ -438,7 +439,8 @@ def run_real_model(cfg, peak):
         model, tokenizer = load_model_and_tokenizer(model_dir, dtype=cfg.dtype)
         model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear")).eval()
         train_args = {"max_seq_length": 256}
-    records = load_data(cfg.test_path)
+    test_path = test_path_for(cfg, train_args)
+    records = load_data(test_path)
     records = [records[i] for i in sorted(random.Random(cfg.seed).sample(range(len(records)), cfg.real_eval_examples))]
     variants = {"transformers_first_choice": dict(own_loop=False, policy="first_choice"),
                 "own_first_choice": dict(policy="first_choice"),
@@ -511,8 +513,19 @@ def run_real_model(cfg, peak):
         "own_loop_speedup": evals["own_best_allowed"]["examples_per_second"]
         / evals["transformers_first_choice"]["examples_per_second"],
         "demo_speedup": evals[demo]["examples_per_second"] / evals["transformers_first_choice"]["examples_per_second"],
-        "test_py_then_and_now": run_test_py_then_and_now(cfg, adapter, model_dir, eval_dtype()),
+        "test_py_then_and_now": (run_test_py_then_and_now(cfg, adapter, model_dir, eval_dtype())
+                                 if answer_format_for(train_args) == DEFAULT_ANSWER_FORMAT else
+                                 print("test.py then-and-now skipped: the adapter answers in the "
+                                       f"{answer_format_for(train_args)} format, which the earlier test.py cannot read")),
     }
+
+
+def test_path_for(cfg, train_args):
+    """The test sentences in the adapter's answer format: cfg.test_path for the seed format, else
+    test.txt beside the adapter's training data (make demo: data/msra_inline/instruct_data)."""
+    if answer_format_for(train_args) == DEFAULT_ANSWER_FORMAT or not train_args.get("train_path"):
+        return cfg.test_path
+    return str(Path(train_args["train_path"]).parent / "test.txt")
 
 
 def run_test_py_then_and_now(cfg, adapter, model_dir, dtype="auto"):

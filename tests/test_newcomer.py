@@ -47,7 +47,7 @@ def finished_demo(tmp_path):
     assert first.returncode == 0 and "train_trainer.py" in first.stdout, first.stderr
     for recorded in paths["GEMMA_RUN"].iterdir():  # recorded before the stages ran
         os.utime(recorded, (installed, installed))
-    stages = [paths["DEMO_DATA_ROOT"] / "msra" / "instruct_data" / "data_info.json", paths["GEMMA_DIR"] / "config.json",
+    stages = [paths["DEMO_DATA_ROOT"] / "msra_inline" / "instruct_data" / "data_info.json", paths["GEMMA_DIR"] / "config.json",
               paths["GEMMA_RUN"] / "adapter_model" / "adapter_config.json",
               paths["GEMMA_RUN"] / "eval_sample" / "metrics.json", paths["GEMMA_RUN"] / "predict.jsonl"]
     now = time.time()
