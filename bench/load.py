@@ -40,7 +40,7 @@ from pathlib import Path  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "bench"), str(ROOT)]  # `bench` is bench/bench.py, not the folder
 
-from bench import LOAD_MARKER as MARKER, build_random_model, machine  # noqa: E402  (bench/bench.py)
+from bench import LOAD_MARKER as MARKER, build_random_model, machine, relative_paths  # noqa: E402  (bench/bench.py)
 from config_utils import parse_config, run_cli  # noqa: E402
 from dataset import QUERY_PREFIX, load_data  # noqa: E402
 
@@ -300,9 +300,10 @@ def main(argv=None):
         print(line)
         notes.append(line)
     first = next(iter(models.values()))
-    results = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "batch_size": cfg.batch_size,
-               "batch_wait_ms": cfg.batch_wait_ms, "models": models, "notes": notes,
-               "speedup_32_clients": next((r["speedup"] for r in first["served"] if r["clients"] == 32), None)}
+    results = relative_paths({"machine": machine(), "date": time.strftime("%Y-%m-%d"), "batch_size": cfg.batch_size,
+                              "batch_wait_ms": cfg.batch_wait_ms, "models": models, "notes": notes,
+                              "speedup_32_clients": next((r["speedup"] for r in first["served"] if r["clients"] == 32),
+                                                         None)})
     Path(cfg.output).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     given = list(sys.argv[1:] if argv is None else argv)
     write_section(cfg.markdown, markdown(results, " ".join(["python bench/load.py", *given])))

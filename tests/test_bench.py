@@ -232,7 +232,7 @@ def test_real_model_section_skips_emulated_bf16_and_writes_relative_paths(tiny_m
 
 
 def test_committed_results_hold_no_path_of_a_checkout():
-    for name in ("BENCHMARKS.md", "bench/results.json", "bench/results_real_model.json"):
+    for name in ("BENCHMARKS.md", "bench/results.json", "bench/results_real_model.json", "bench/load_results.json"):
         text = (bench.ROOT / name).read_text(encoding="utf-8")
         assert "/work/" not in text and "/home/" not in text and str(bench.ROOT) not in text, name
 

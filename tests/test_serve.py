@@ -15,7 +15,8 @@ import pytest
 
 from conftest import PYTHON, ROOT, free_port, load_script, run_cmd
 from config_utils import ConfigError
-from dataset import DEFAULT_LABEL_NAMES, QUERY_PREFIX, load_data, ner_instruct
+from answer_format import DEFAULT_LABEL_NAMES, ner_instruct
+from dataset import QUERY_PREFIX, load_data
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # As root, offline: no sandbox, no background connections (they would be refused here).
