@@ -54,10 +54,11 @@ def gold_answers(records, linenos, texts, answer_col, label_names, test_path, an
     for rec, lineno, text in zip(records, linenos, texts):
         gold = parse(answer_format, rec[answer_col], text, label_names)
         if gold.bad_lines:
+            shape = "is not '实体_类型'" if answer_format == "seed" else f"cannot be read as a {answer_format}-format answer"
             raise DataError(
-                f"{test_path}:{lineno}: answer part {gold.bad_lines[0]!r} cannot be read as a {answer_format}-format "
-                f"answer with a type of this label set ({', '.join(label_names.values())}); process the data and "
-                f"train with the same --label_names and --answer_format"
+                f"{test_path}:{lineno}: answer {'line' if answer_format == 'seed' else 'part'} {gold.bad_lines[0]!r} "
+                f"{shape} with a type of this label set ({', '.join(label_names.values())}); process the data and "
+                f"train with the same --label_names" + ("" if answer_format == "seed" else " and --answer_format")
             )
         golds.append(gold)
     return golds
