@@ -10,7 +10,8 @@ then, with the setting that scored best on dev, on a seeded sample of the test s
 bootstrap interval) and on the whole test set. Recipe choices are made on dev sentences only;
 the test set only reports. Every stage is the scripts' own command line (printed as it runs);
 a stage whose output exists is kept, so an interrupted run continues where it stopped (delete
-<run_dir>/<format> to redo one). Results: <run_dir>/formats.json and a markdown table on stdout.
+<run_dir>/<format> to redo one). Results: bench/formats_results.json (a run over some formats
+replaces their rows) and a markdown table on stdout.
 """
 import json
 import subprocess
@@ -40,6 +41,7 @@ DEFAULTS = {
     "dtype": "auto",  # of test.py (bfloat16 where the CPU multiplies it natively)
     "test_sample": 1000,  # seeded test sentences scored with the dev-chosen setting (0: none)
     "full_test": True,  # also all test sentences
+    "output": "bench/formats_results.json",  # the results (committed: README's "Answer formats" table)
 }
 
 
@@ -141,7 +143,7 @@ def main(argv=None):
     for fmt in cfg.formats:
         if fmt not in ANSWER_FORMATS:
             raise ConfigError(f"config key 'formats': {fmt!r} is not one of {', '.join(ANSWER_FORMATS)}")
-    out = ROOT / cfg.run_dir / "formats.json"
+    out = ROOT / cfg.output
     # A run over some formats (or with other dev settings) replaces their rows and keeps the rest.
     earlier = json.loads(out.read_text(encoding="utf-8"))["results"] if out.is_file() else []
     results = [one_format(cfg, fmt) for fmt in cfg.formats]
