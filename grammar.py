@@ -208,9 +208,14 @@ class _Grammar:
         self._relevant = None  # built on first use (most rows never need it)
 
     @property
+    def written(self):
+        """The text whose pieces an answer writes (the sentence; the inline format's copy of it)."""
+        return self.sentence
+
+    @property
     def relevant(self):
         if self._relevant is None:
-            self._relevant = self.vocab.spelling_ids(self.sentence) | self._fixed
+            self._relevant = self.vocab.spelling_ids(self.written) | self._fixed
         return self._relevant
 
     def relevant_ids(self, state, device):
@@ -542,10 +547,8 @@ class InlineGrammar(_Grammar):
         self.start = InlineState(0, COPY, 0, b"", False)
 
     @property
-    def relevant(self):
-        if self._relevant is None:
-            self._relevant = self.vocab.spelling_ids(self.copy) | self._fixed
-        return self._relevant
+    def written(self):
+        return self.copy
 
     def step(self, state, data):
         at, mode, begin, typed, spaced = state
