@@ -17,6 +17,7 @@ from config_utils import ConfigError
 from answer_format import copy_text
 from dataset import PromptEncoder, TooLongError, encode_text, sentence_of
 from model_utils import answer_format_for, label_names_for
+from output_layer import body_and_head, head_rows, output_logits
 
 
 def ner_generate(model, tokenizer, train_args, records, batch_size=16, max_new_tokens=64, progress=None,
@@ -87,26 +88,6 @@ def shared_prefix_length(prompts):
     while n < limit and all(p[n] == first[n] for p in prompts):
         n += 1
     return n if n >= MIN_SHARED_PREFIX else 0
-
-
-def _output_layer(model):
-    """The model's body (hidden states) and output layer, under a PEFT wrapper too (its LoRA
-    layers are inside them), and whether the output weights can be used row by row: a plain
-    nn.Linear. Anything else (a quantised or wrapped head) is run as a module on the full vocabulary."""
-    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    head = lm.get_output_embeddings()
-    return lm.model, head, type(head) is torch.nn.Linear
-
-
-def _logits(model, head, hidden, rows=None):
-    """Output logits of `hidden` (batch, hidden) as the model's own forward computes them (Gemma
-    2's final soft-capping included): for every token, or `rows` = (weight, bias) of the output
-    layer's rows for the tokens wanted."""
-    logits = head(hidden) if rows is None else torch.nn.functional.linear(hidden, *rows)
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    if cap is not None:
-        logits = torch.tanh(logits / cap) * cap
-    return logits
 
 
 # Prompt tokens run through the model in one forward while a batch's prompts are read (its
@@ -484,12 +465,12 @@ def _greedy(model, input_ids, attention_mask, prefix_kv, shared, max_new_tokens,
     matrix, a few thousand of a vocabulary that may hold 262,144. With `max_places`, a step
     that would make the cache hold more places (prefix, padding and tokens) raises _WindowReached.
     """
-    body, head, by_rows = _output_layer(model)
+    body, head, by_rows = body_and_head(model)
     restricted = answers is not None and not answers.needs_full_logits and by_rows
     token_ids = answers.token_ids(input_ids.device) if restricted else None
     rows = None  # the output layer's rows for token_ids, gathered once per batch
     if token_ids is not None:
-        rows = (head.weight[token_ids], None if head.bias is None else head.bias[token_ids])
+        rows = head_rows(head, token_ids)
     # Room for every answer token but the last chosen, which is never run (reserved as they come).
     room = max_new_tokens - 1 if max_places is None else min(max_new_tokens - 1, max_places - input_ids.shape[1])
     cache, hidden = _prefill(model, body, input_ids, attention_mask, prefix_kv, shared, prefill_tokens, room)
@@ -497,7 +478,7 @@ def _greedy(model, input_ids, attention_mask, prefix_kv, shared, max_new_tokens,
     generated = [[] for _ in alive]
     with _attending(model, cache):  # the same cache object every step: switched once per batch
         for step in range(max_new_tokens):
-            scores = _logits(model, head, hidden, rows)
+            scores = output_logits(model, head, hidden, rows)
             if answers is None:
                 tokens = scores.argmax(-1).tolist()
             else:
@@ -613,7 +594,7 @@ def generate(model, tokenizer, prompts, max_new_tokens=64, batch_size=8, progres
                     batch_shared = shared if longest + max_new_tokens <= window else 0
             if batch_shared and prefix_kv is None:
                 prefix = torch.tensor([prompts[0][:shared]], device=device)
-                prefix_kv = _output_layer(model)[0](input_ids=prefix, use_cache=True).cache  # only K/V: no logits
+                prefix_kv = body_and_head(model)[0](input_ids=prefix, use_cache=True).cache  # only K/V: no logits
             new_ids = None
             while new_ids is None:
                 input_ids, attention_mask = _batch_inputs(prompts, batch, longest, batch_shared, pad_id, device)

@@ -16,6 +16,7 @@ from build import ALL_LINEAR, load_datasets_checked, training_device, training_d
 from config_utils import ConfigError, parse_config
 from answer_format import DEFAULT_ANSWER_FORMAT, DEFAULT_LABEL_NAMES
 from dataset import COLUMN_DEFAULTS, PROMPT_STYLES, check_prompt_style, read_data_info, staged_folder, write_json
+from loss import LOSS_VOCABULARIES
 from model_utils import TRAIN_ARGS_FILE, check_model_dir, check_quantization, meta_model
 from run_folder import move_evaluation, output_dir, save_dir_lock
 
@@ -59,6 +60,7 @@ TRAIN_DEFAULTS = {
     "group_by_length": True,  # length-grouped batches: <1% padding instead of ~25% for random batches
     "gradient_checkpointing": False,  # trade ~30% speed for activation memory on long batches
     "share_prefix": True,  # run the prompt prefix all rows share once per batch (exact; off under checkpointing)
+    "loss_vocabulary": "all",  # all: softmax over the whole vocabulary; batch: over the tokens the batch holds (loss.py)
     "dtype": "auto",  # auto: bf16 on GPUs that have it, fp16 (with loss scaling) on older GPUs, fp32 on CPU
     "save_dir": "./checkpoint/msra/train_trainer/",  # checkpoints, train_args.json and the final adapter_model/
     "log_steps": 10,  # optimizer steps between loss log lines
@@ -118,6 +120,8 @@ def validate_train_config(cfg):
     if cfg.resume and cfg.resume is not True and not Path(str(cfg.resume)).is_dir():
         raise ConfigError(f"config key 'resume': checkpoint '{cfg.resume}' does not exist")
     check_prompt_style(cfg.prompt_style)
+    if cfg.loss_vocabulary not in LOSS_VOCABULARIES:
+        raise ConfigError(f"config key 'loss_vocabulary': {cfg.loss_vocabulary!r} is not one of {', '.join(LOSS_VOCABULARIES)}")
     if cfg.finetuning not in FINETUNING:
         raise ConfigError(f"config key 'finetuning': {cfg.finetuning!r} is not one of {', '.join(FINETUNING)}")
     if (Path(cfg.model_dir) / "config.json").is_file():  # else prepare_save_dir explains model_dir

@@ -39,7 +39,9 @@ def make_trainer(cfg, **kwargs):
     class NerTrainer(Trainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             # nn.DataParallel (several GPUs in one process) splits the batch itself: the plain path.
-            if return_outputs or not model.training or self.args.n_gpu > 1 or not cfg.share_prefix:
+            # The dev loss (not training) is always over the whole vocabulary.
+            plain = not cfg.share_prefix and cfg.loss_vocabulary == "all"
+            if return_outputs or not model.training or self.args.n_gpu > 1 or plain:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             loss = batch_loss(model, inputs, cfg, num_items_in_batch)
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:

@@ -394,6 +394,7 @@ def test_truncated_adapter_weights_are_one_line(adapter, train16, tmp_path):
     ("--train_batch_size=0", "'train_batch_size': 0 must be positive"),
     ("--lr_scheduler_type=cosin", "'cosin' is not one of linear, cosine,"),
     ("--no_entity_fraction=1.5", "'no_entity_fraction': 1.5 must lie in [0, 1]"),
+    ("--loss_vocabulary=sentence", "'loss_vocabulary': 'sentence' is not one of all, batch"),
     ("--lora_target_modules=qproj", "qproj matches no linear layer of this model; its linear layers are "
                                     "down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj"),
 ])

@@ -349,3 +349,51 @@ def test_no_entity_fraction_trains_on_the_sentences_with_entities(tmp_path, tiny
     assert f"{none} of the {len(answers)} training sentences left out" in out
     assert f"train {len(answers) - none} examples" in out
     assert json.loads((save_dir / "train_args.json").read_text())["no_entity_fraction"] == 0
+
+
+@pytest.mark.parametrize("share_prefix", [True, False])
+def test_batch_vocabulary_loss_is_the_softmax_over_the_batchs_tokens(tiny_model, train16, share_prefix):
+    """loss_vocabulary=batch: cross-entropy of each answer token against the tokens the batch
+    holds, computed here from the full logits of the plain forward."""
+    from config_utils import parse_config
+    from loss import batch_loss
+    from build import build_datasets, build_model, load_datasets_checked
+    from train_core import TRAIN_DEFAULTS
+
+    cfg = parse_config(TRAIN_DEFAULTS, {"model_dir": str(tiny_model), "train_path": str(train16), "dev_path": "",
+                                        "lora_dropout": 0.0, "loss_vocabulary": "batch", "share_prefix": share_prefix})
+    records, _ = load_datasets_checked(cfg)
+    model, tokenizer = build_model(cfg)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    train, _, collate = build_datasets(cfg, tokenizer, records, [])
+    batch = collate.pad([train[i] for i in range(8)])
+    model.train()
+
+    def loss_and_grads(loss_fn):
+        model.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        return float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    # By hand: the ids every row holds where its mask is 1, as a sorted list of columns.
+    columns = sorted({t for row, mask in zip(batch["input_ids"].tolist(), batch["attention_mask"].tolist())
+                      for t, m in zip(row, mask) if m})
+    assert len(columns) < tokenizer.vocab_size // 2  # a real restriction, not the whole vocabulary
+
+    def by_hand():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        labels = batch["labels"][:, 1:]
+        picked = logits[labels != -100][:, columns].float()
+        targets = torch.tensor([columns.index(t) for t in labels[labels != -100].tolist()])
+        return torch.nn.functional.cross_entropy(picked, targets)
+
+    expected, expected_grads = loss_and_grads(by_hand)
+    got, got_grads = loss_and_grads(lambda: batch_loss(model, batch, cfg))
+    assert got == pytest.approx(expected, rel=1e-5)
+    full, _ = loss_and_grads(lambda: model(**batch).loss)
+    assert got < full  # fewer negatives: the restricted softmax gives the targets more mass
+    assert expected_grads.keys() == got_grads.keys() and any("lora_A" in n for n in got_grads)
+    for name in expected_grads:
+        torch.testing.assert_close(got_grads[name], expected_grads[name], rtol=1e-4, atol=1e-6)
