@@ -107,7 +107,8 @@ def ner_sentence(text):
 
 class Chat:
     def __init__(self, args):
-        from model_utils import answer_format_for, instruct_for, label_names_for, load_for_inference
+        from infer_config import answer_format_for, instruct_for, label_names_for
+        from model_utils import load_for_inference
         from generation import generate
 
         self._generate = generate

@@ -16,15 +16,15 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from config_utils import ConfigError
 from answer_format import copy_text
 from dataset import PromptEncoder, TooLongError, encode_text, sentence_of
-from model_utils import answer_format_for, label_names_for
+from infer_config import answer_format_for, label_names_for
 
 
 def ner_generate(model, tokenizer, train_args, records, batch_size=16, max_new_tokens=64, progress=None,
-                 grounded=False, label_names=None, policy=None, eos_penalty=0.0, **generate_options):
+                 grounded=True, label_names=None, policy=None, eos_penalty=0.0, **generate_options):
     """Instruct records -> raw generated answers, prompts built exactly as in training.
 
-    Answers are in the adapter's answer format (train_args' `answer_format`). With `grounded`,
-    answers are constrained by the format's grammar to substrings of each record's sentence (its
+    Answers are in the adapter's answer format (train_args' `answer_format`). With `grounded` (the
+    default, as in every script's config), answers are constrained by the format's grammar to substrings of each record's sentence (its
     query after `文本：`) and the names of `label_names` (default: the adapter's label set),
     choosing by the greedy `policy` (default grounding.DEFAULT_POLICY), with `eos_penalty`
     subtracted from EOS's logit where an answer could end; see grounding.py. `max_new_tokens`

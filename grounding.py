@@ -40,6 +40,12 @@ POLICIES = ("first_choice", "best_allowed")
 DEFAULT_POLICY = "best_allowed"
 
 
+def policy_problem(policy):
+    """What is wrong with a greedy policy name (None: nothing); the one check, for Grounding and
+    the config key `grounding_policy` alike."""
+    return None if policy in POLICIES else f"{policy!r} is not one of {', '.join(POLICIES)}"
+
+
 @dataclass
 class Grounding:
     """What generate needs to ground its answers: one sentence per prompt (None: that row is not
@@ -52,8 +58,9 @@ class Grounding:
     answer_format: str = DEFAULT_ANSWER_FORMAT
 
     def __post_init__(self):
-        if self.policy not in POLICIES:
-            raise ValueError(f"grounding policy {self.policy!r}: expected one of {', '.join(POLICIES)}")
+        problem = policy_problem(self.policy)
+        if problem:
+            raise ValueError(f"grounding policy: {problem}")
         if not math.isfinite(self.eos_penalty):
             raise ValueError(f"eos_penalty {self.eos_penalty!r}: expected a finite number")
         check_answer_format(self.answer_format)

@@ -35,7 +35,8 @@ import torch  # noqa: E402
 from config_utils import parse_config, run_cli  # noqa: E402
 from dataset import load_data  # noqa: E402
 from answer_format import DEFAULT_ANSWER_FORMAT  # noqa: E402
-from model_utils import answer_format_for, meta_model, resolve_dtype  # noqa: E402
+from infer_config import answer_format_for  # noqa: E402
+from model_utils import meta_model, resolve_dtype  # noqa: E402
 from peak import eval_dtype, native_bf16  # noqa: E402
 
 DEFAULTS = {
@@ -266,12 +267,12 @@ def run_eval(model_dir, records, cfg):
 
     model, tokenizer = load_model_and_tokenizer(model_dir, dtype=cfg.dtype)
     args = {"max_seq_length": 512}
-    variants = {"single": dict(batch_size=1, prefix_cache=False),
-                "batched": dict(batch_size=cfg.eval_batch_size, prefix_cache=False),
-                "prefix_cache": dict(batch_size=cfg.eval_batch_size, prefix_cache=True),
+    variants = {"single": dict(batch_size=1, prefix_cache=False, grounded=False),
+                "batched": dict(batch_size=cfg.eval_batch_size, prefix_cache=False, grounded=False),
+                "prefix_cache": dict(batch_size=cfg.eval_batch_size, prefix_cache=True, grounded=False),
                 "grounded": dict(batch_size=cfg.eval_batch_size, prefix_cache=True, grounded=True),
-                "unpacked": dict(batch_size=cfg.eval_batch_size, prefix_cache=True, packed_weights=False)}
-    ner_generate(model, tokenizer, args, records[:4], max_new_tokens=2)  # warm-up
+                "unpacked": dict(batch_size=cfg.eval_batch_size, prefix_cache=True, packed_weights=False, grounded=False)}
+    ner_generate(model, tokenizer, args, records[:4], max_new_tokens=2, grounded=False)  # warm-up
     ner_generate(model, tokenizer, args, records[:4], max_new_tokens=2, grounded=True)  # and the token table
     # Useful work per example: every prompt token and every answer token (re-encoded from the
     # output), whatever a variant skips or repeats to get there.

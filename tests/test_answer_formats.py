@@ -247,7 +247,8 @@ def test_test_py_refuses_data_of_another_format_before_loading(tmp_path):
 
 
 def test_adapters_without_a_recorded_format_read_as_seed(tmp_path):
-    from model_utils import answer_format_for, read_train_args
+    from infer_config import answer_format_for
+    from model_utils import read_train_args
 
     (tmp_path / "train_args.json").write_text(json.dumps({"model_dir": "x", "label_names": NAMES}), encoding="utf-8")
     assert answer_format_for(read_train_args(tmp_path)) == "seed"

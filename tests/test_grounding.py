@@ -382,7 +382,7 @@ def test_memorised_adapter_outputs_are_unchanged(memorised_trainer, train16, msr
 
     model, tok, train_args = load_for_inference(str(memorised_trainer / "adapter_model"), device="cpu")
     records = load_data(train16) + load_data(msra_dir["dir"] / "instruct_data" / "test.txt")[:8]
-    plain = ner_generate(model, tok, train_args, records, batch_size=8, max_new_tokens=48)[0]
+    plain = ner_generate(model, tok, train_args, records, batch_size=8, max_new_tokens=48, grounded=False)[0]
     grounded = ner_generate(model, tok, train_args, records, batch_size=8, max_new_tokens=48, grounded=True)[0]
     sentences = [r["query"].removeprefix("文本：") for r in records]
     for p, g, s in zip(plain, grounded, sentences):
@@ -395,7 +395,8 @@ def test_memorised_adapter_outputs_are_unchanged(memorised_trainer, train16, msr
     memorised = [r["answer"] for r in load_data(train16)]
     assert grounded[:16] == memorised  # non-trivial: 12 of them name entities
     # A budget too small for the memorised answers: plain output is cut mid-line, grounded is not.
-    short_plain = ner_generate(model, tok, train_args, records[:16], batch_size=8, max_new_tokens=6)[0]
+    short_plain = ner_generate(model, tok, train_args, records[:16], batch_size=8, max_new_tokens=6,
+                              grounded=False)[0]
     short = ner_generate(model, tok, train_args, records[:16], batch_size=8, max_new_tokens=6, grounded=True)[0]
     assert any(not _parses(p, s) for p, s in zip(short_plain, sentences))
     for g, s in zip(short, sentences):
