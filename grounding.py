@@ -28,7 +28,8 @@ import torch
 from transformers import LogitsProcessor
 
 from answer_format import DEFAULT_ANSWER_FORMAT, check_answer_format
-from grammar import INF, make_grammar, vocab_for
+from grammar import make_grammar
+from token_bytes import INF, vocab_for
 
 CANDIDATES = 24  # top tokens (by logit) checked first; the wider scan only runs when none fits
 # Greedy decoding's choice past the first token (README: "Grounded decoding" has both measurements).

@@ -121,7 +121,8 @@ def tokenizer(tiny_model):
 
 
 def grammar_of(tokenizer, fmt, sentence=SENTENCE):
-    from grammar import make_grammar, vocab_for
+    from grammar import make_grammar
+    from token_bytes import vocab_for
 
     return make_grammar(fmt, vocab_for(tokenizer), sentence, NAMES)
 
@@ -148,7 +149,7 @@ def complete(grammar, *texts):
 @pytest.mark.parametrize("fmt", ANSWER_FORMATS)
 def test_grammar_accepts_the_training_answers_token_by_token(tokenizer, msra_dir, fmt):
     from dataset import encode_text
-    from grammar import vocab_for
+    from token_bytes import vocab_for
 
     vocab = vocab_for(tokenizer)
     for text, spans in corpus(msra_dir, "dev")[:200]:
@@ -197,7 +198,7 @@ def test_every_answer_the_grammar_allows_parses_into_grounded_entities(tokenizer
     """Random walks through each grammar (random allowed tokens, EOS taken now and then, a tight
     budget): every answer ends complete, and the parser reads it without a bad part into
     distinct pairs of the sentence's substrings and the label set's types."""
-    from grammar import vocab_for
+    from token_bytes import vocab_for
 
     vocab, rng = vocab_for(tokenizer), random.Random(0)
     walks = 0

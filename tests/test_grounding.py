@@ -35,7 +35,8 @@ def tokenizer(tiny_model):
 
 @pytest.fixture(scope="module")
 def grammar(tokenizer):
-    from grammar import SeedGrammar, vocab_for
+    from grammar import SeedGrammar
+    from token_bytes import vocab_for
 
     return SeedGrammar(vocab_for(tokenizer), SENTENCE, DEFAULT_LABEL_NAMES)
 
@@ -62,7 +63,7 @@ def complete(grammar, *texts):
 
 
 def test_token_bytes_decode_like_the_tokenizer(tokenizer):
-    from grammar import vocab_for
+    from token_bytes import vocab_for
 
     vocab = vocab_for(tokenizer)
     rng = random.Random(0)
@@ -151,7 +152,7 @@ def test_leading_space_and_spaces_inside_lines(grammar):
 
 
 def test_byte_tokens_inside_an_entity(grammar, tokenizer):
-    from grammar import vocab_for
+    from token_bytes import vocab_for
 
     byte = {b: vocab_for(tokenizer).ids_of[bytes([b])] for b in "鑫".encode()}
     assert all(byte.values())  # byte fallback gives a token for each byte of 鑫
@@ -203,7 +204,8 @@ def explore():
 
 
 def test_mid_answer_a_broken_first_choice_ends_the_answer(tiny_model):
-    from grammar import SeedGrammar, vocab_for
+    from grammar import SeedGrammar
+    from token_bytes import vocab_for
     from model_utils import load_tokenizer
 
     tok = load_tokenizer(tiny_model)
@@ -265,7 +267,7 @@ def test_eos_penalty_moves_only_the_end_of_the_list(tokenizer, policy, restricte
     """After a complete line the model ranks EOS 1.0 above a newline: EOS stands until the
     penalty exceeds that margin. Mid-line the choice is the same with or without a penalty.
     Scores over the whole vocabulary or only the grammar's tokens."""
-    from grammar import vocab_for
+    from token_bytes import vocab_for
     from grounding import Grounding, answer_states
 
     vocab = vocab_for(tokenizer)
