@@ -10,7 +10,9 @@ from answer_format import DEFAULT_ANSWER_FORMAT, DEFAULT_LABEL_NAMES, ner_instru
 from config_utils import ConfigError
 from dataset import read_data_info
 from grounding import DEFAULT_POLICY, policy_problem
-from model_utils import check_device, check_quantization_name, load_for_inference, read_train_args, resolve_dtype
+from devices import check_device
+from model_utils import load_for_inference, read_train_args, resolve_dtype
+from quantization import check_quantization_name
 
 # Config keys shared by test.py, predict.py and serve.py.
 INFER_DEFAULTS = {
