@@ -17,7 +17,7 @@ import sys
 from config_utils import ConfigError, UserError, check_writable, parse_config, run_cli
 from answer_format import DEFAULT_INSTRUCT
 from dataset import QUERY_PREFIX, DataError, check_prompt_style, encode_prompt, encode_text, read_text, write_json
-from model_utils import check_quantization_name
+from quantization import check_quantization_name
 
 BANNER = """+ 该模式下仅支持单轮问答，无多轮对话能力。空行、Ctrl-D 或 Ctrl-C 退出。
 + This mode only supports single-turn QA. An empty line, Ctrl-D or Ctrl-C quits.
@@ -107,7 +107,8 @@ def ner_sentence(text):
 
 class Chat:
     def __init__(self, args):
-        from model_utils import answer_format_for, instruct_for, label_names_for, load_for_inference
+        from infer_config import answer_format_for, instruct_for, label_names_for
+        from model_utils import load_for_inference
         from generation import generate
 
         self._generate = generate

@@ -1,4 +1,4 @@
-"""The answer grammars of grounded decoding: what a grounded answer may be, one byte at a time.
+"""What may a grounded answer be, in each answer format, one byte at a time?
 
 Pure Python on bytes; the tensor side (which tokens a batch row may take next, and the hook into
 transformers' generate) is grounding.py. One grammar per answer format (answer_format.py):
@@ -16,281 +16,27 @@ Every grammar gives the same interface to grounding.AnswerStates: `start`, `step
 answer: 0 complete, inf impossible), `allowed(...)`, `relevant` and `relevant_ids(state)` (the
 tokens a row can allow at all, and in a state: supersets), `finish(text)`.
 
-How it works:
-- The constraint is on decoded text, in UTF-8 bytes: every vocabulary token's bytes are
-  computed once per tokenizer (`▁` is a space, SentencePiece byte-fallback pieces like
-  `<0xE5>` are that one byte). A token may span the end of an entity, a mark, a type name and a
-  newline; its bytes are run through the grammar as they come. Byte tokens follow the same rule
-  as any other: inside an entity, an incomplete UTF-8 sequence is allowed while the entity's
-  bytes are still a substring of the sentence's bytes (so it can only complete to a character
-  of the sentence), and an entity only ends on a character boundary.
+How it works (the shared part is grammar_base.py's, the tokens' bytes token_bytes.py's):
 - Spaces at the start of a line (seed, typed) or of the answer (inline) are ignored
   (SentencePiece's first answer piece is `▁`; the parsers strip them too), one run per line, so
   a model that keeps producing `▁` cannot spend its budget on spaces; elsewhere a space is only
   allowed where the sentence has one.
 - The grammar knows its budget: a token is allowed only if the answer can still be completed in
-  the tokens left, counted with the fewest tokens that spell what is missing. Answers are never
-  cut mid-line (mid-mark).
+  the tokens left. Answers are never cut mid-line (mid-mark).
 - Cheap and exact where the model already obeys: only the model's top candidates (by logit)
   are checked, most likely first; greedy decoding stops at the first allowed one, so an answer
   that obeys the grammar is generated unchanged.
 """
-import re
-import weakref
 from typing import NamedTuple
 
-from answer_format import (CLOSE, ENTITY_END, ITEM_SEP, LINE_BREAK, NO_ENTITY, OPEN, SEP, TYPE_MARK, copy_text,
-                           label_name_problem)
+from answer_format import CLOSE, ENTITY_END, ITEM_SEP, LINE_BREAK, NO_ENTITY, OPEN, SEP, TYPE_MARK, copy_text
+from grammar_base import Grammar, label_names_bytes
+from token_bytes import INF
 
-INF = float("inf")
 _NO_ENTITY = NO_ENTITY.encode()
 _BREAK, _END = LINE_BREAK.encode(), ENTITY_END.encode()  # the answer's line break and seed's entity end, as bytes
 _TYPE_MARK, _ITEM_SEP = TYPE_MARK.encode(), ITEM_SEP.encode()
 _OPEN, _SEP, _CLOSE = OPEN.encode(), SEP.encode(), CLOSE.encode()
-_BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
-_VOCABS = weakref.WeakKeyDictionary()  # tokenizer -> _Vocab
-
-
-def _byte_decoder():
-    # GPT-2's byte <-> printable character map, used by byte-level BPE vocabularies.
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(bs, cs)}
-
-
-class _Vocab:
-    """Each token's decoded bytes (None for special tokens) and the fewest tokens spelling a string."""
-
-    def __init__(self, tokenizer):
-        pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
-        special = set(tokenizer.all_special_ids)
-        decoder = str(getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", ""))
-        byte_level = "ByteLevel" in decoder
-        byte_map = _byte_decoder() if byte_level else None
-        self.token_bytes = []
-        for i, piece in enumerate(pieces):
-            if i in special or piece is None:
-                self.token_bytes.append(None)
-            elif byte_level:
-                self.token_bytes.append(bytes(byte_map[c] for c in piece) if all(c in byte_map for c in piece) else piece.encode())
-            else:
-                m = _BYTE_PIECE.match(piece)
-                self.token_bytes.append(bytes([int(m.group(1), 16)]) if m else piece.replace("▁", " ").encode())
-        self.ids_of = {}  # bytes -> the token ids that spell them
-        for i, data in enumerate(self.token_bytes):
-            if data:
-                self.ids_of.setdefault(data, []).append(i)
-        self.spellings = self.ids_of.keys()
-        self.longest = max((len(b) for b in self.spellings), default=1)
-        self.prefixes = {data[:k] for data in self.spellings for k in range(1, len(data) + 1)}
-        self.eos_id = tokenizer.eos_token_id
-        self._cost, self._fixed, self._marked = {}, {}, {}
-
-    def spelling_ids(self, text):
-        """Ids of the tokens whose bytes are a substring of `text`, alone or after spaces."""
-        found, prefixes, ids_of = set(), self.prefixes, self.ids_of
-        for i in range(len(text)):
-            for lead in (b"", b" "):
-                for j in range(i + 1, min(len(text), i + self.longest) + 1):
-                    piece = lead + text[i:j]
-                    if piece not in prefixes:
-                        break  # no token starts with it, so none with anything longer either
-                    found.update(ids_of.get(piece, ()))
-        return found
-
-    def continuations(self, text, at):
-        """Ids of the tokens whose bytes are a prefix of text[at:]."""
-        found = set()
-        for j in range(at + 1, min(len(text), at + self.longest) + 1):
-            piece = text[at:j]
-            if piece not in self.prefixes:
-                break
-            found.update(self.ids_of.get(piece, ()))
-        return found
-
-    def marked_ids(self, marks):
-        """Ids of the tokens that hold one of `marks` (bytes) or only spaces: the tokens that may
-        join a format's marks to the text around them, candidates in any row."""
-        ids = self._marked.get(marks)
-        if ids is None:
-            ids = self._marked[marks] = [i for i, data in enumerate(self.token_bytes)
-                                         if data and (any(m in data for m in marks) or not data.strip(b" "))]
-        return ids
-
-    def fixed_ids(self, fixed, marks):
-        """Ids of the tokens that may appear in any answer of a label set and format (`fixed`:
-        its names and words, joined by a line break; `marks`: the format's marks): parts of those,
-        tokens with a mark, a newline or only spaces, and EOS."""
-        key = (fixed, marks)
-        ids = self._fixed.get(key)
-        if ids is None:
-            ids = self._fixed[key] = self.spelling_ids(fixed) | set(self.marked_ids(marks + (_BREAK,))) | {self.eos_id}
-        return ids
-
-    def mincost(self, text):
-        """Fewest tokens whose bytes concatenate to exactly `text` (inf if none)."""
-        cached = self._cost.get(text)
-        if cached is not None:
-            return cached
-        n = len(text)
-        best = [0] + [INF] * n
-        for i in range(n):
-            if best[i] == INF:
-                continue
-            for j in range(i + 1, min(n, i + self.longest) + 1):
-                piece = text[i:j]
-                if piece not in self.prefixes:
-                    break  # no token starts with it, so none with anything longer either
-                if best[i] + 1 < best[j] and piece in self.spellings:
-                    best[j] = best[i] + 1
-        self._cost[text] = best[n]
-        return best[n]
-
-    def suffix_costs(self, text):
-        """[fewest tokens spelling text[i:] for every i], the last entry 0."""
-        n = len(text)
-        best = [INF] * n + [0]
-        for i in range(n - 1, -1, -1):
-            for j in range(i + 1, min(n, i + self.longest) + 1):
-                piece = text[i:j]
-                if piece not in self.prefixes:
-                    break
-                if best[j] + 1 < best[i] and piece in self.spellings:
-                    best[i] = best[j] + 1
-        return best
-
-
-def vocab_for(tokenizer):
-    vocab = _VOCABS.get(tokenizer)
-    if vocab is None:
-        vocab = _VOCABS[tokenizer] = _Vocab(tokenizer)
-    return vocab
-
-
-def _char_end_missing(data):
-    """Bytes still missing from the last UTF-8 character of `data` (0 when it ends on a boundary)."""
-    for back in range(1, min(4, len(data)) + 1):
-        b = data[-back]
-        if b < 0x80:
-            return 0 if back == 1 else -1
-        if b >= 0xC0:
-            size = 2 if b < 0xE0 else 3 if b < 0xF0 else 4
-            return size - back if size >= back else -1
-    return -1  # only continuation bytes: not a character
-
-
-def label_names_bytes(label_names):
-    return [(name, name.encode()) for name in label_names.values()]
-
-
-class _Grammar:
-    """What every format's grammar shares: the sentence, the label names, the token filter and
-    the choice among a row's candidates (`allowed`)."""
-    MARKS = ()  # the format's marks, as bytes
-
-    def __init__(self, vocab, sentence, label_names, answer_format, fixed):
-        self.vocab = vocab
-        self.sentence = sentence.encode()
-        self.names = label_names_bytes(label_names)
-        for name, _ in self.names:
-            problem = label_name_problem(name, answer_format)
-            if problem:
-                raise ValueError(f"label name {name!r} cannot be generated unambiguously: {problem}")
-        # Every token this grammar can ever allow is in here (a superset): parts of the sentence,
-        # of the fixed words, tokens with a mark, a newline or only spaces, and EOS.
-        self._fixed = vocab.fixed_ids(_BREAK.join(fixed), self.MARKS)
-        self._relevant = None  # built on first use (most rows never need it)
-
-    @property
-    def written(self):
-        """The text whose pieces an answer writes (the sentence; the inline format's copy of it)."""
-        return self.sentence
-
-    @property
-    def relevant(self):
-        if self._relevant is None:
-            self._relevant = self.vocab.spelling_ids(self.written) | self._fixed
-        return self._relevant
-
-    def relevant_ids(self, state, device):
-        """The token ids that may be allowed in `state` (a superset), for the scan past the top
-        candidates."""
-        import torch
-
-        return torch.tensor(sorted(self.relevant), device=device)
-
-    def _entity(self, data):
-        """`data` as an entity string when it can end an entity now, else None."""
-        if not data or _char_end_missing(data) != 0 or self.sentence.find(data) < 0:
-            return None
-        try:
-            entity = data.decode().strip()
-        except UnicodeDecodeError:
-            return None
-        return entity or None
-
-    def _entity_cost(self, data, close):
-        """Tokens to complete an entity whose bytes so far, `data`, are a substring of the
-        sentence, and to close it: `close(entity)` is what closing costs (inf: not allowed)."""
-        missing = _char_end_missing(data)
-        if missing < 0 or data[0] & 0xC0 == 0x80:
-            return INF
-        sent, best = self.sentence, INF
-        if missing == 0:
-            entity = self._entity(data)
-            if entity is not None:
-                best = close(entity)
-            if best < INF:
-                return best
-        # Finish the character (or add one more) where the data occurs, then close it.
-        pos = sent.find(data)
-        while pos >= 0:
-            end = pos + len(data)
-            if missing:
-                nxt = end + missing
-            else:
-                tail = sent[end:end + 4]
-                size = next((k for k in range(1, len(tail) + 1) if _char_end_missing(tail[:k]) == 0), 0)
-                nxt = end + size
-            if nxt > end:
-                entity = self._entity(data + sent[end:nxt])
-                if entity is not None:
-                    best = min(best, self.vocab.mincost(sent[end:nxt]) + close(entity))
-            pos = sent.find(data, pos + 1)
-        return best
-
-    def allowed(self, state, order, score_of, left, greedy=True):
-        """The allowed token ids among `order` (most likely first; `score_of`: id -> logit) with
-        `left` tokens of budget, this one included; greedy stops at the first one and its exact
-        ties. Also returns whether a grammatical token was refused only for the budget."""
-        tb, eos, found, first_score = self.vocab.token_bytes, self.vocab.eos_id, [], None
-        complete, relevant, over_budget = None, self._relevant, False  # relevant: a cheap filter once built
-        for tok in order:
-            if found and greedy and score_of[tok] != first_score:
-                break
-            if relevant is not None and tok not in relevant:
-                continue
-            if tok == eos:
-                if complete is None:
-                    complete = self.cost(state) == 0
-                ok = complete
-            else:
-                data = tb[tok]
-                nxt = self.step(state, data) if data else None
-                cost = self.cost(nxt) if nxt is not None else INF
-                ok = cost <= left - 1
-                over_budget |= left - 1 < cost < INF
-            if ok:
-                if not found:
-                    first_score = score_of[tok]
-                found.append(tok)
-        return found, over_budget
 
 
 class State(NamedTuple):
@@ -302,7 +48,7 @@ class State(NamedTuple):
     spaced: bool
 
 
-class SeedGrammar(_Grammar):
+class SeedGrammar(Grammar):
     """The seed format's grammar for one sentence; its states are `State`s."""
     MARKS = (_END,)
 
@@ -408,7 +154,7 @@ class TypedState(NamedTuple):
     spaced: bool
 
 
-class TypedGrammar(_Grammar):
+class TypedGrammar(Grammar):
     """The typed format's grammar for one sentence: every type once, in the label set's order."""
     MARKS = (_TYPE_MARK, _ITEM_SEP)
 
@@ -532,7 +278,7 @@ class InlineState(NamedTuple):
     spaced: bool
 
 
-class InlineGrammar(_Grammar):
+class InlineGrammar(Grammar):
     """The inline format's grammar for one sentence: its copy, with entities marked in place."""
     MARKS = (_OPEN, _SEP, _CLOSE)
 

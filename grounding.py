@@ -4,12 +4,15 @@ Each row of a batch follows its answer format's grammar (grammar.py: what a grou
 be, on bytes); this module is the tensor side. `AnswerStates` holds one batch's grammar states
 and chooses the tokens each row may take from the model's scores; `GroundedLogitsProcessor`
 puts it inside transformers' `generate` (as a `logits_processor`, for sampling); the project's
-own greedy loop (generation.py) calls it directly.
+own greedy loop (generation.py) asks it for each row's next token (`next_tokens`).
 
 - Cheap and exact where the model already obeys: only the model's top `candidates` tokens (by
   logit) are checked, most likely first; greedy decoding stops at the first allowed one, so an
   answer that obeys the grammar is generated unchanged. When none of them is allowed, the
   tokens the row can allow in its state (`relevant_ids`) are scanned in logit order.
+- One owner for the next token: `next_tokens` (greedy) and `mask` (transformers' generate)
+  both choose through `_allowed`, which alone applies the EOS penalty; greedy takes the lowest
+  id among exact ties, as argmax over the masked scores would.
 - An answer's end can be biased (`eos_penalty`, a logit subtracted from EOS wherever the
   answer could end; 0 by default): a lightly tuned model's choice after a complete seed line,
   another line or EOS, is close to even, and greedy decoding then stops after one entity too often.
@@ -28,16 +31,21 @@ import torch
 from transformers import LogitsProcessor
 
 from answer_format import DEFAULT_ANSWER_FORMAT, check_answer_format
-from grammar import INF, make_grammar, vocab_for
+from grammar import make_grammar
+from token_bytes import INF, vocab_for
 
 CANDIDATES = 24  # top tokens (by logit) checked first; the wider scan only runs when none fits
-# Greedy decoding's choice past the first token (README: "Grounded decoding" has both measurements).
-# On LoRA-tuned Gemma 3 270M both score the same (set-level F1 0.5305 best_allowed, 0.5324
-# first_choice, 300 seeded test sentences) and best_allowed runs 1.65x faster: it is the default.
-# On the from-scratch demo model first_choice is better (F1 0.400 against 0.363: that model often
-# breaks the grammar mid-answer, and a forced second choice swaps in other types and strings).
+# Greedy decoding's choice past the first token. best_allowed is the default: on a tuned model
+# both score alike and it runs faster; a model that often breaks the grammar mid-answer does
+# better with first_choice (BENCHMARKS.md, "Measured by hand"; README: "Grounded decoding").
 POLICIES = ("first_choice", "best_allowed")
 DEFAULT_POLICY = "best_allowed"
+
+
+def policy_problem(policy):
+    """What is wrong with a greedy policy name (None: nothing); the one check, for Grounding and
+    the config key `grounding_policy` alike."""
+    return None if policy in POLICIES else f"{policy!r} is not one of {', '.join(POLICIES)}"
 
 
 @dataclass
@@ -52,8 +60,9 @@ class Grounding:
     answer_format: str = DEFAULT_ANSWER_FORMAT
 
     def __post_init__(self):
-        if self.policy not in POLICIES:
-            raise ValueError(f"grounding policy {self.policy!r}: expected one of {', '.join(POLICIES)}")
+        problem = policy_problem(self.policy)
+        if problem:
+            raise ValueError(f"grounding policy: {problem}")
         if not math.isfinite(self.eos_penalty):
             raise ValueError(f"eos_penalty {self.eos_penalty!r}: expected a finite number")
         check_answer_format(self.answer_format)
@@ -62,10 +71,11 @@ class Grounding:
 class AnswerStates:
     """The grammar states of one batch's rows while they generate, and the tokens each may take.
 
-    `grammars` has one Grammar (or None: unconstrained) per row; `advance` feeds the tokens the
-    rows produced, `choose` returns what the rows may produce next from their scores. Scores may
-    cover the whole vocabulary or only the tokens in `token_ids` (the union of what the rows can
-    ever allow: `best_allowed` needs no other logit).
+    `grammars` has one Grammar (or None: unconstrained) per row. Greedy decoding asks
+    `next_tokens` (one id per row, the rows' states advanced past it); transformers' generate
+    feeds the tokens with `advance` and masks its scores with `mask`. Scores may cover the whole
+    vocabulary or only the tokens in `token_ids` (the union of what the rows can ever allow:
+    `best_allowed` needs no other logit; `logit_ids` says which the caller must compute).
     """
 
     def __init__(self, vocab, grammars, max_new_tokens, policy=DEFAULT_POLICY, candidates=CANDIDATES, greedy=True,
@@ -96,11 +106,19 @@ class AnswerStates:
             self._member = member.to(device)
         return self._token_ids
 
+    def logit_ids(self, device):
+        """The ids of the tokens whose logits next_tokens needs (`token_ids`), or None where it
+        needs every token's (needs_full_logits)."""
+        return None if self.needs_full_logits else self.token_ids(device)
+
     def active_rows(self):
         return [r for r, s in enumerate(self.states) if s is not None]
 
     def advance(self, tokens):
         """Feed each row's last token (`tokens[r]`; ignored for rows that finished or are free)."""
+        self._advance(tokens)
+
+    def _advance(self, tokens):
         for r, state in enumerate(self.states):
             if state is None:
                 continue
@@ -111,11 +129,47 @@ class AnswerStates:
                 self.states[r] = self.grammars[r].step(state, self.vocab.token_bytes[tokens[r]] or b"")
         self.done += 1
 
-    def choose(self, rows, scores, restricted=False):
-        """The allowed tokens of each of `rows` (None for a free row), most likely first: greedy
-        keeps the best one and its exact ties, sampling every allowed one of the top candidates.
-        `scores` has one row per entry of `rows`, over the whole vocabulary or, `restricted`,
-        over `token_ids()` (rows' tokens outside their own set are masked here)."""
+    def next_tokens(self, rows, scores, restricted=False):
+        """Greedy decoding's next token of each of `rows` (the batch rows still generating, one
+        per row of `scores`): the most likely allowed token, the lowest id among exact ties; a
+        free row's argmax. The rows' states advance past the tokens returned."""
+        best = scores.argmax(-1).tolist() if self.needs_full_logits else None
+        allowed, _ = self._allowed(rows, scores, restricted)
+        tokens = [best[j] if ok is None else min(ok) for j, ok in enumerate(allowed)]
+        by_row = [None] * len(self.states)
+        for r, tok in zip(rows, tokens):
+            by_row[r] = tok
+        self._advance(by_row)
+        return tokens
+
+    def mask(self, scores):
+        """`scores` (every row, the whole vocabulary; changed in place) with each token a
+        grounded row may not take next at -inf and the EOS penalty applied, for transformers'
+        generate."""
+        rows = self.active_rows()
+        if not rows:
+            return scores
+        allowed, scored = self._allowed(rows, scores[rows])
+        keep_j, keep_cols = [], []
+        for j, ok in enumerate(allowed):
+            keep_j += [j] * len(ok)
+            keep_cols += ok
+        idx_j = torch.tensor(keep_j, device=scores.device)
+        idx_c = torch.tensor(keep_cols, device=scores.device)
+        kept = scored[idx_j, idx_c]  # as _allowed scored them: the EOS penalty applied
+        if len(rows) == scores.shape[0]:
+            scores.fill_(-INF)  # in place: generate does not use the raw scores again
+        else:
+            scores[rows] = -INF
+        scores[torch.tensor(rows, device=scores.device)[idx_j], idx_c] = kept
+        return scores
+
+    def _allowed(self, rows, scores, restricted=False):
+        """(The allowed tokens of each of `rows` (None for a free row), most likely first, and the
+        scores they were chosen by). Greedy keeps the best one and its exact ties, sampling every
+        allowed one of the top candidates. `scores` has one row per entry of `rows`, over the
+        whole vocabulary or, `restricted`, over `token_ids()` (rows' tokens outside their own set
+        are masked here); the EOS penalty is applied here and nowhere else."""
         ids = self._token_ids if restricted else None
         if restricted:
             scores = scores.masked_fill(~self._member[rows], -INF)
@@ -143,9 +197,9 @@ class AnswerStates:
             if not allowed and strict and not over_budget:
                 # Mid-answer, the model's first choice breaks the grammar: it is inventing a
                 # string, repeating a pair or drifting from the format. Forcing a less likely
-                # token there names a wrong entity or type (measured: precision fell from 0.42 to
-                # 0.24 on the from-scratch demo model); ending the answer keeps what was complete
-                # (Grammar.finish drops the unfinished line).
+                # token there names a wrong entity or type (precision fell: BENCHMARKS.md,
+                # "Measured by hand"); ending the answer keeps what was complete (Grammar.finish
+                # drops the unfinished line).
                 allowed = [self.vocab.eos_id]
             if not allowed:
                 # The wider scan (the answer's first token, or a line to close before the budget
@@ -156,7 +210,7 @@ class AnswerStates:
                 rest = wide[where].tolist()
                 allowed, _ = grammar.allowed(state, rest, dict(zip(rest, values.tolist())), left, self.greedy)
             chosen.append(allowed or [self.vocab.eos_id])  # nothing fits: end; finish drops a partial line
-        return chosen
+        return chosen, scores
 
     def finish(self, row, text):
         """Row `row`'s decoded answer, cut back to its complete part when the row is grounded."""
@@ -177,24 +231,7 @@ class GroundedLogitsProcessor(LogitsProcessor):
         if self.started:
             self.answers.advance(input_ids[:, -1].tolist())
         self.started = True
-        rows = self.answers.active_rows()
-        if not rows:
-            return scores
-        keep_rows, keep_cols = [], []
-        for r, allowed in zip(rows, self.answers.choose(rows, scores[rows])):
-            keep_rows += [r] * len(allowed)
-            keep_cols += allowed
-        idx_r = torch.tensor(keep_rows, device=scores.device)
-        idx_c = torch.tensor(keep_cols, device=scores.device)
-        kept = scores[idx_r, idx_c]
-        if self.answers.eos_penalty:
-            kept = kept - self.answers.eos_penalty * (idx_c == self.answers.vocab.eos_id)  # as choose scored them
-        if len(rows) == scores.shape[0]:
-            scores.fill_(-INF)  # in place: generate does not use the raw scores again
-        else:
-            scores[rows] = -INF
-        scores[idx_r, idx_c] = kept
-        return scores
+        return self.answers.mask(scores)
 
 
 def answer_states(tokenizer, grounding, rows, max_new_tokens, candidates=CANDIDATES, greedy=True):

@@ -1,4 +1,4 @@
-"""The one model loader, used by every script, and the inference config keys.
+"""The one model loader, used by every script: how is a model (and its adapter) loaded?
 
 `load_model_and_tokenizer` opens a LLaMA directory (the merged Chinese-Alpaca-7B or the tiny
 test model alike), optionally quantising the base weights with bitsandbytes while they load
@@ -6,7 +6,8 @@ test model alike), optionally quantising the base weights with bitsandbytes whil
 and optionally applies a LoRA adapter. `load_for_inference` does the same starting from a trained
 adapter folder, reading the base model path from its `train_args.json`, or from a fully
 fine-tuned model folder (`<save_dir>/model`: config.json and train_args.json, no adapter), which
-is then the model itself. Generation lives in generation.py.
+is then the model itself. The inference config keys live in infer_config.py, generation in
+generation.py.
 """
 import contextlib
 import json
@@ -17,10 +18,11 @@ from pathlib import Path
 
 import torch
 
-from config_utils import ConfigError, UserError
-from answer_format import DEFAULT_ANSWER_FORMAT, DEFAULT_LABEL_NAMES, check_answer_format, ner_instruct
-from dataset import PROMPT_STYLES, check_label_names, check_prompt_style, read_data_info, read_text
-from grounding import DEFAULT_POLICY, POLICIES
+from config_utils import UserError
+from answer_format import DEFAULT_ANSWER_FORMAT, check_answer_format
+from dataset import PROMPT_STYLES, check_label_names, check_prompt_style, read_text
+from devices import resolve_device
+from quantization import check_quantization, check_quantization_name, keep_4bit_numerics, quantization_config
 
 TRAIN_ARGS_FILE = "train_args.json"
 MODEL_HELP = (
@@ -34,65 +36,6 @@ class ModelLoadError(UserError):
     pass
 
 
-# Config keys shared by test.py and predict.py.
-INFER_DEFAULTS = {
-    "lora_model": "./checkpoint/msra/train_trainer/adapter_model",  # trained adapter folder, or <save_dir>/model of a full fine-tune
-    "no_adapter": False,  # True: evaluate the base model alone (needs model_dir)
-    "model_dir": None,  # None: the base model recorded in the adapter's train_args.json
-    "tokenizer_path": None,  # None: the adapter's tokenizer, else model_dir's
-    "batch_size": 32,  # prompts generated together (similar lengths are grouped)
-    "max_new_tokens": 64,  # answer budget; MSRA answers are ~10 tokens, the longest ~60
-    "grounded": True,  # answers may only name substrings of the sentence and the label set's types (grounding.py)
-    "grounding_policy": DEFAULT_POLICY,  # greedy grounded choice: best_allowed (only allowed tokens' logits) or first_choice (README)
-    "eos_penalty": 0.0,  # grounded: logit taken from EOS where an answer could end; >0 lists more entities (README)
-    "dtype": "auto",  # auto: bf16/fp16 on a GPU, fp32 on CPU
-    "device": "auto",  # auto: cuda when available, else cpu; or e.g. cuda:1
-    "trust_remote_code": False,  # run code shipped with the model (only for models transformers lacks)
-    "quantization": None,  # None: as the adapter was trained (train_args.json), else none; or none, 4bit, 8bit
-    "merge_lora": True,  # fold the adapter into the base weights once at load (same model, fewer matmuls); not for a 4/8-bit base
-}
-
-
-def check_infer_config(cfg):
-    """The INFER_DEFAULTS keys that can be wrong without loading anything: checked first."""
-    for key in ("batch_size", "max_new_tokens"):
-        if cfg[key] < 1:
-            raise ConfigError(f"config key '{key}': {cfg[key]} must be at least 1")
-    resolve_dtype(cfg.dtype)
-    check_device(cfg.device)
-    if cfg.grounding_policy not in POLICIES:
-        raise ConfigError(f"config key 'grounding_policy': {cfg.grounding_policy!r} is not one of {', '.join(POLICIES)}")
-    if cfg.quantization is not None:
-        check_quantization_name(cfg.quantization)
-    if cfg.no_adapter and not cfg.model_dir:
-        raise ConfigError("no_adapter=True needs --model_dir=<base model>")
-
-
-def recorded_args(cfg):
-    """The adapter's train_args.json ({} for no_adapter or an adapter without one), read before any
-    weights load so that columns and labels can be checked first."""
-    return {} if cfg.no_adapter else (read_train_args(cfg.lora_model) or {})
-
-
-def label_names_for(train_args, data_path=None):
-    """The label set answers are read with: the adapter's (train_args.json), else the one
-    process.py wrote beside the data, else MSRA's."""
-    info = (read_data_info(data_path) if data_path else None) or {}
-    return train_args.get("label_names") or info.get("label_names") or DEFAULT_LABEL_NAMES
-
-
-def instruct_for(train_args):
-    """The instruction plain texts get: the one the adapter was trained with, else the standard one."""
-    return train_args.get("instruct") or ner_instruct(label_names_for(train_args), answer_format_for(train_args))
-
-
-def answer_format_for(train_args):
-    """The answer format the adapter was trained on (train_args.json; checked when it was read):
-    answers are read and grounded with it and no other. Adapters trained before formats existed
-    wrote the seed format."""
-    return train_args.get("answer_format", DEFAULT_ANSWER_FORMAT)
-
-
 def loaded_as(model, adapter=None):
     """What a loaded model is, read from the model itself (what an evaluation records beside its
     scores): the base model folder it was loaded from, the dtype it computes in, bitsandbytes'
@@ -104,40 +47,6 @@ def loaded_as(model, adapter=None):
     is_adapter = adapter is not None and not is_full_model(adapter)
     return {"base_model": base.name_or_path, "dtype": str(dtype).removeprefix("torch."), "quantization": quantization,
             "merge_lora": (not hasattr(model, "get_base_model")) if is_adapter else None}
-
-
-def load_from_config(cfg):
-    """load_for_inference driven by INFER_DEFAULTS keys; returns model, tokenizer, train_args."""
-    return load_for_inference(
-        None if cfg.no_adapter else cfg.lora_model, model_dir=cfg.model_dir,
-        tokenizer_path=cfg.tokenizer_path, dtype=cfg.dtype, device=cfg.device,
-        trust_remote_code=cfg.trust_remote_code, quantization=cfg.quantization, merge_lora=cfg.merge_lora,
-    )
-
-
-def check_device(device):
-    """A device name torch knows and this machine has: one line otherwise (`gpu`, or `cuda` on a
-    CPU build of torch), before anything loads."""
-    if device in (None, "", "auto"):
-        return
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ConfigError(f"config key 'device': {device!r} is not a device name; use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"config key 'device': {device} is not available here (torch {torch.__version__}, "
-                              f"{'no GPU found' if torch.version.cuda else 'a build without CUDA'}); use --device=cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ConfigError(f"config key 'device': {device}: this machine has {torch.cuda.device_count()} GPU(s)")
-    elif dev.type != "cpu":
-        raise ConfigError(f"config key 'device': {device!r} is not supported; use auto, cpu, cuda or cuda:N")
-
-
-def resolve_device(device="auto"):
-    if device in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 # Every dtype name a script accepts, in one table (training, inference and the model_hub scripts).
@@ -165,102 +74,6 @@ def resolve_dtype(dtype="auto", device="cpu"):
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     return torch.float32
-
-
-# How the base weights are stored while LoRA trains on top (QLoRA: Dettmers et al., 2023).
-QUANTIZATIONS = ("none", "4bit", "8bit")
-BITSANDBYTES_REQUIREMENT = "bitsandbytes>=0.50,<0.51"  # as requirements.txt: the tested range
-
-
-def check_quantization_name(quantization, where="config key 'quantization'"):
-    if quantization not in QUANTIZATIONS:
-        raise ConfigError(f"{where}: {quantization!r} is not one of {', '.join(QUANTIZATIONS)}")
-    return quantization
-
-
-def quantization_config(quantization, compute_dtype):
-    """transformers' BitsAndBytesConfig for a mode (None for none).
-
-    4bit is QLoRA's recipe: NF4 codes with double quantisation (the block scales quantised
-    again), computing in `compute_dtype` (bf16 on GPUs, fp32 on the CPU) with the weights
-    dequantised block by block. 8bit is LLM.int8 with bitsandbytes' defaults. The output layer
-    stays in `compute_dtype` (transformers leaves it out).
-    """
-    if check_quantization_name(quantization) == "none":
-        return None
-    from transformers import BitsAndBytesConfig
-
-    if quantization == "4bit":
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=compute_dtype)
-    return BitsAndBytesConfig(load_in_8bit=True)
-
-
-def check_quantization(quantization, device="auto", where="config key 'quantization'"):
-    """Refuse a mode this machine's bitsandbytes cannot run on `device`, in one line, before any
-    weights load: a layer of the mode runs on a small tensor there (milliseconds), which is what
-    the model's layers will do."""
-    if check_quantization_name(quantization, where) == "none":
-        return
-    device = resolve_device(device)
-    try:
-        import bitsandbytes as bnb
-    except ImportError as e:
-        raise ConfigError(f"{where}: {quantization} needs bitsandbytes ({e}); "
-                          f"pip install '{BITSANDBYTES_REQUIREMENT}'") from None
-    import logging
-
-    # bitsandbytes' 8-bit matmul logs a warning on every call whose input is not fp16 (it casts
-    # the input itself): thousands of identical lines per run, nothing the user can act on.
-    logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
-    try:
-        with torch.no_grad():
-            if quantization == "4bit":
-                layer = bnb.nn.Linear4bit(64, 64, bias=False, quant_type="nf4", compress_statistics=True)
-            else:
-                layer = bnb.nn.Linear8bitLt(64, 64, bias=False, has_fp16_weights=False)
-            layer = layer.to(device)
-            layer(torch.ones(2, 64, device=device))
-    except Exception as e:  # any failure of the library on this device means the same to the user
-        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise ConfigError(f"{where}: bitsandbytes {getattr(bnb, '__version__', '?')} cannot run {quantization} "
-                          f"layers on {device.type} ({why}); use quantization=none or a bitsandbytes build for "
-                          f"{device.type} ('{BITSANDBYTES_REQUIREMENT}')") from None
-
-
-def keep_4bit_numerics(model):
-    """Keep bitsandbytes' 4-bit layers computing in eval as they did in training, on the CPU.
-
-    On CPUs with AVX512-BF16, a Linear4bit in eval mode repacks its weight at its first forward
-    and from then on multiplies in bf16, whatever compute dtype it was given: fp32 logits then
-    move by ~2e-3, so test.py would score another model than the one trained (and than the
-    dequantised merge). The repacking also fails on layers whose input size is not a multiple
-    of the quantisation block (`shape '[128, 5]' is invalid`). The path is kept only where it
-    computes in the dtype asked for and the layer's shape fits it.
-    """
-    import bitsandbytes as bnb
-
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit) and getattr(module, "support_avx512bf16_for_cpu", False):
-            state = module.weight.quant_state
-            fits = module.in_features % state.blocksize == 0 and module.out_features % 32 == 0
-            module.support_avx512bf16_for_cpu = fits and module.compute_dtype == torch.bfloat16
-
-
-def quantized_weights(model):
-    """{parameter name: the weight a 4-bit layer computes with}, dequantised on demand.
-
-    bitsandbytes' dequantize_4bit turns a layer's NF4 codes and (double-quantised) block scales
-    back into the matrix its forward multiplies by: merging an adapter into these weights gives
-    exactly the model the adapter was trained with.
-    """
-    import bitsandbytes as bnb
-
-    def dequantize(weight):
-        return lambda: bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
-
-    return {f"{name}.weight": dequantize(module.weight) for name, module in model.named_modules()
-            if isinstance(module, bnb.nn.Linear4bit)}
 
 
 def meta_model(model_dir, trust_remote_code=False):

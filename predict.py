@@ -17,8 +17,8 @@ from dataset import (COLUMN_DEFAULTS, QUERY_PREFIX, DataError, PromptEncoder, en
                      sentence_of, write_jsonl)
 from metrics import mention_spans
 from generation import ner_generate
-from model_utils import (INFER_DEFAULTS, answer_format_for, check_infer_config, instruct_for, label_names_for,
-                         load_from_config, recorded_args)
+from infer_config import (INFER_DEFAULTS, answer_format_for, check_infer_config, instruct_for, label_names_for,
+                          load_from_config, recorded_args)
 
 DEFAULTS = {
     **INFER_DEFAULTS,

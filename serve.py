@@ -36,8 +36,9 @@ from urllib.parse import urlsplit
 
 from config_utils import ConfigError, UserError, parse_config, run_cli
 from dataset import QUERY_PREFIX
-from model_utils import (INFER_DEFAULTS, answer_format_for, check_infer_config, instruct_for, is_full_model,
-                         label_names_for, recorded_args)
+from infer_config import (INFER_DEFAULTS, answer_format_for, check_infer_config, instruct_for, label_names_for,
+                          recorded_args)
+from model_utils import is_full_model
 
 DEFAULTS = {
     **INFER_DEFAULTS,
@@ -583,7 +584,7 @@ def main(argv=None):
 
     import uvicorn
 
-    from model_utils import load_from_config
+    from infer_config import load_from_config
     from predict import predict_records
 
     model, tokenizer, train_args = load_from_config(cfg)

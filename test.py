@@ -23,15 +23,9 @@ from config_utils import ConfigError, check_writable, parse_config, run_cli
 from dataset import (DataError, columns_of, commit_files, json_text, jsonl_text, load_data, read_data_info, read_text,
                      sentence_of)
 from metrics import bootstrap_f1, format_table, mention_spans, score, score_mentions
-from model_utils import (
-    INFER_DEFAULTS,
-    answer_format_for,
-    check_infer_config,
-    label_names_for,
-    load_from_config,
-    loaded_as,
-    recorded_args,
-)
+from infer_config import (INFER_DEFAULTS, answer_format_for, check_infer_config, label_names_for, load_from_config,
+                          recorded_args)
+from model_utils import loaded_as
 from generation import ner_generate
 from report import render_report
 from run_folder import EVAL_OUTPUTS, default_eval_dir

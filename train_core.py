@@ -17,7 +17,8 @@ from config_utils import ConfigError, parse_config
 from answer_format import DEFAULT_ANSWER_FORMAT, DEFAULT_LABEL_NAMES
 from dataset import COLUMN_DEFAULTS, PROMPT_STYLES, check_prompt_style, read_data_info, staged_folder, write_json
 from loss import LOSS_VOCABULARIES
-from model_utils import TRAIN_ARGS_FILE, check_model_dir, check_quantization, meta_model
+from model_utils import TRAIN_ARGS_FILE, check_model_dir, meta_model
+from quantization import check_quantization
 from run_folder import move_evaluation, output_dir, save_dir_lock
 
 FINETUNING = ("lora", "full")

@@ -35,7 +35,8 @@ import torch  # noqa: E402
 from config_utils import parse_config, run_cli  # noqa: E402
 from dataset import load_data  # noqa: E402
 from answer_format import DEFAULT_ANSWER_FORMAT  # noqa: E402
-from model_utils import answer_format_for, meta_model, resolve_dtype  # noqa: E402
+from infer_config import answer_format_for  # noqa: E402
+from model_utils import meta_model, resolve_dtype  # noqa: E402
 from peak import eval_dtype, native_bf16  # noqa: E402
 
 DEFAULTS = {
@@ -262,16 +263,17 @@ def run_eval(model_dir, records, cfg):
     from dataset import PromptEncoder
     from model_utils import load_model_and_tokenizer
     import generation
-    from generation import ner_generate, shared_prefix_length
+    from generation import Loop, ner_generate, shared_prefix_length
 
     model, tokenizer = load_model_and_tokenizer(model_dir, dtype=cfg.dtype)
     args = {"max_seq_length": 512}
-    variants = {"single": dict(batch_size=1, prefix_cache=False),
-                "batched": dict(batch_size=cfg.eval_batch_size, prefix_cache=False),
-                "prefix_cache": dict(batch_size=cfg.eval_batch_size, prefix_cache=True),
+    variants = {"single": dict(batch_size=1, prefix_cache=False, grounded=False),
+                "batched": dict(batch_size=cfg.eval_batch_size, prefix_cache=False, grounded=False),
+                "prefix_cache": dict(batch_size=cfg.eval_batch_size, prefix_cache=True, grounded=False),
                 "grounded": dict(batch_size=cfg.eval_batch_size, prefix_cache=True, grounded=True),
-                "unpacked": dict(batch_size=cfg.eval_batch_size, prefix_cache=True, packed_weights=False)}
-    ner_generate(model, tokenizer, args, records[:4], max_new_tokens=2)  # warm-up
+                "unpacked": dict(batch_size=cfg.eval_batch_size, prefix_cache=True, loop=Loop(packed_weights=False),
+                             grounded=False)}
+    ner_generate(model, tokenizer, args, records[:4], max_new_tokens=2, grounded=False)  # warm-up
     ner_generate(model, tokenizer, args, records[:4], max_new_tokens=2, grounded=True)  # and the token table
     # Useful work per example: every prompt token and every answer token (re-encoded from the
     # output), whatever a variant skips or repeats to get there.
@@ -282,7 +284,7 @@ def run_eval(model_dir, records, cfg):
     shape = model_shape(model_dir)
     results, outputs = {}, {}
     for name, options in variants.items():
-        with Stopwatch(generation, ("_prefill",)) as prompts_pass:  # the prompts through the body (own loop)
+        with Stopwatch(generation, ("prefill",)) as prompts_pass:  # the prompts through the body (own loop)
             start = time.perf_counter()
             outputs[name], _ = ner_generate(model, tokenizer, args, records, max_new_tokens=cfg.max_new_tokens,
                                             **options)
@@ -408,7 +410,7 @@ def run_real_model(cfg, peak):
     against the own loop with either policy. None when the folder is absent."""
     import random
 
-    from generation import ner_generate
+    from generation import Loop, ner_generate
     from grounding import AnswerStates
     from model_utils import load_for_inference, load_model_and_tokenizer
 
@@ -444,11 +446,11 @@ def run_real_model(cfg, peak):
     test_path = test_path_for(cfg, train_args)
     records = load_data(test_path)
     records = [records[i] for i in sorted(random.Random(cfg.seed).sample(range(len(records)), cfg.real_eval_examples))]
-    variants = {"transformers_first_choice": dict(own_loop=False, policy="first_choice"),
+    variants = {"transformers_first_choice": dict(loop=Loop(own=False), policy="first_choice"),
                 "own_first_choice": dict(policy="first_choice"),
                 "own_best_allowed": dict(policy="best_allowed"),
-                "own_best_allowed_unpacked": dict(policy="best_allowed", packed_weights=False),
-                "transformers_best_allowed": dict(own_loop=False, policy="best_allowed"),
+                "own_best_allowed_unpacked": dict(policy="best_allowed", loop=Loop(packed_weights=False)),
+                "transformers_best_allowed": dict(loop=Loop(own=False), policy="best_allowed"),
                 "own_best_allowed_demo_batch": dict(policy="best_allowed", batch_size=cfg.real_demo_batch_size),
                 "merged": dict(policy="best_allowed", batch_size=cfg.real_demo_batch_size),
                 "merged_bf16": dict(policy="best_allowed", batch_size=cfg.real_demo_batch_size)}
@@ -481,7 +483,7 @@ def run_real_model(cfg, peak):
             model = model.to(torch.bfloat16)
             ner_generate(model, tokenizer, train_args, records[:2], max_new_tokens=4, grounded=True)
         run_peak = bf16_peak if name == "merged_bf16" else peak
-        with Stopwatch(AnswerStates, ("choose", "advance")) as grammar:
+        with Stopwatch(AnswerStates, ("next_tokens", "mask", "advance")) as grammar:
             start = time.perf_counter()
             options = {"batch_size": cfg.real_eval_batch_size, **options}
             outputs[name], _ = ner_generate(model, tokenizer, train_args, records, max_new_tokens=64, grounded=True,
@@ -657,7 +659,7 @@ def write_markdown(path, results, command):
 
 
 def real_model_markdown(r):
-    from generation import PREFILL_TOKENS
+    from kv_cache import PREFILL_TOKENS
 
     t, e = r["train"], r["eval"]
     lines = ["## A real model", "",
@@ -675,7 +677,7 @@ def real_model_markdown(r):
     lines += ["", f"Generation: {r['eval_examples']} seeded MSRA test sentences, grounded (eos_penalty "
                   f"{r['eos_penalty']}), batch {r['eval_batch_size']} unless the row says otherwise, up to 64 new "
                   "tokens. The own loop reads a batch's prompts in row chunks of at most "
-                  f"{PREFILL_TOKENS} tokens (generation.PREFILL_TOKENS).", "",
+                  f"{PREFILL_TOKENS} tokens (kv_cache.PREFILL_TOKENS).", "",
               "| variant | examples/s | answer tokens | MFU | grammar share of the time |", "|---|---|---|---|---|"]
     names = {"transformers_first_choice": "(a) transformers' generate, first_choice (every logit, as test.py before)",
              "own_first_choice": "(b) own loop, first_choice (finished rows leave the batch)",

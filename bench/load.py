@@ -86,7 +86,7 @@ class OneAtATime:
 
     def __init__(self, options):
         import predict
-        from model_utils import instruct_for, label_names_for, load_from_config, recorded_args
+        from infer_config import instruct_for, label_names_for, load_from_config, recorded_args
 
         self.predict = predict
         self.cfg = parse_config(predict.DEFAULTS, options)

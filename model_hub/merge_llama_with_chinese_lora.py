@@ -43,9 +43,8 @@ import torch  # noqa: E402
 
 from config_utils import ConfigError, parse_config, require_keys, run_cli  # noqa: E402
 from dataset import share_files, write_json  # noqa: E402
-from model_utils import (  # noqa: E402
-    check_model_dir, load_model_and_tokenizer, model_type_of, quantized_weights, read_train_args,
-)
+from model_utils import check_model_dir, load_model_and_tokenizer, model_type_of, read_train_args  # noqa: E402
+from quantization import quantized_weights  # noqa: E402
 from model_hub._llama_layout import (  # noqa: E402
     IGNORED_TENSORS, ModelHubError, check_output_dir, copy_tokenizer_files, has_tokenizer,
     hf_to_meta_permute, load_torch_file, meta_ffn_params, prepare_output_dir, read_json,

@@ -121,7 +121,8 @@ def tokenizer(tiny_model):
 
 
 def grammar_of(tokenizer, fmt, sentence=SENTENCE):
-    from grammar import make_grammar, vocab_for
+    from grammar import make_grammar
+    from token_bytes import vocab_for
 
     return make_grammar(fmt, vocab_for(tokenizer), sentence, NAMES)
 
@@ -148,7 +149,7 @@ def complete(grammar, *texts):
 @pytest.mark.parametrize("fmt", ANSWER_FORMATS)
 def test_grammar_accepts_the_training_answers_token_by_token(tokenizer, msra_dir, fmt):
     from dataset import encode_text
-    from grammar import vocab_for
+    from token_bytes import vocab_for
 
     vocab = vocab_for(tokenizer)
     for text, spans in corpus(msra_dir, "dev")[:200]:
@@ -197,7 +198,7 @@ def test_every_answer_the_grammar_allows_parses_into_grounded_entities(tokenizer
     """Random walks through each grammar (random allowed tokens, EOS taken now and then, a tight
     budget): every answer ends complete, and the parser reads it without a bad part into
     distinct pairs of the sentence's substrings and the label set's types."""
-    from grammar import vocab_for
+    from token_bytes import vocab_for
 
     vocab, rng = vocab_for(tokenizer), random.Random(0)
     walks = 0
@@ -247,7 +248,8 @@ def test_test_py_refuses_data_of_another_format_before_loading(tmp_path):
 
 
 def test_adapters_without_a_recorded_format_read_as_seed(tmp_path):
-    from model_utils import answer_format_for, read_train_args
+    from infer_config import answer_format_for
+    from model_utils import read_train_args
 
     (tmp_path / "train_args.json").write_text(json.dumps({"model_dir": "x", "label_names": NAMES}), encoding="utf-8")
     assert answer_format_for(read_train_args(tmp_path)) == "seed"

@@ -127,9 +127,9 @@ def test_architecture_trains_reloads_scores_and_merges(arch, tiny_model, train16
         plain_loss = model(**batch, num_items_in_batch=n_items).loss
         assert float(shared_prefix_loss(model, batch, n_items)) == pytest.approx(float(plain_loss), rel=1e-5)
     records = load_data(train16)[:6]
-    assert (ner_generate(model, loaded_tokenizer, train_args, records, batch_size=3, max_new_tokens=8,
+    assert (ner_generate(model, loaded_tokenizer, train_args, records, batch_size=3, max_new_tokens=8, grounded=False,
                          prefix_cache=True)[0]
-            == ner_generate(model, loaded_tokenizer, train_args, records, batch_size=3, max_new_tokens=8,
+            == ner_generate(model, loaded_tokenizer, train_args, records, batch_size=3, max_new_tokens=8, grounded=False,
                             prefix_cache=False)[0])
 
     # test.py scores the adapter.

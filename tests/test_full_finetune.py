@@ -94,7 +94,8 @@ def test_full_export_and_reload_give_the_same_greedy_outputs(tmp_path, char_mode
         optimizer.step()
         optimizer.zero_grad()
     model.eval()
-    in_memory, _ = ner_generate(model, tokenizer, cfg.to_dict(), records, batch_size=4, max_new_tokens=12)
+    in_memory, _ = ner_generate(model, tokenizer, cfg.to_dict(), records, batch_size=4, max_new_tokens=12,
+                         grounded=False)
 
     out = export_trained(model, tokenizer, cfg)
     assert out == tmp_path / "model"
@@ -107,7 +108,8 @@ def test_full_export_and_reload_give_the_same_greedy_outputs(tmp_path, char_mode
     assert train_args["finetuning"] == "full" and train_args["model_dir"] == str(model_dir)
     assert reloaded_tokenizer.get_vocab() == tokenizer.get_vocab()
     assert reloaded.lm_head.weight.data_ptr() == reloaded.get_input_embeddings().weight.data_ptr()
-    again, _ = ner_generate(reloaded, reloaded_tokenizer, train_args, records, batch_size=4, max_new_tokens=12)
+    again, _ = ner_generate(reloaded, reloaded_tokenizer, train_args, records, batch_size=4, max_new_tokens=12,
+                         grounded=False)
     assert again == in_memory
     # The decoded answers of a barely trained model may all be empty: compare 12 forced greedy tokens too.
     prompts = [collate.inference_ids(r, 12)[0] for r in records[:4]]

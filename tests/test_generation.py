@@ -39,7 +39,7 @@ def prompts_of(tokenizer, records, max_new_tokens):
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_greedy_loop_is_transformers_generate(arch, tiny_model, train16, tmp_path):
-    from generation import generate
+    from generation import Loop, generate
     from model_utils import load_model_and_tokenizer
 
     build(arch, tiny_model, tmp_path / arch)
@@ -59,7 +59,7 @@ def test_greedy_loop_is_transformers_generate(arch, tiny_model, train16, tmp_pat
     for prefix_cache in (True, False):
         prefills.clear()
         assert generate(model, tokenizer, prompts, max_new_tokens=10, batch_size=5, prefix_cache=prefix_cache,
-                        prefill_tokens=1) == expected
+                        loop=Loop(prefill_tokens=1)) == expected
         assert prefills[-5:] == [1] * 5  # after the shared prefix's own forward, where it is used
     hook.remove()
 
@@ -87,19 +87,126 @@ def test_finished_rows_leave_the_batch(memorised_trainer, train16, msra_dir):
     assert outputs == reference(model, tokenizer, prompts, 48)
 
 
+class BruteForceSeed:
+    """The seed format's grounded greedy choice computed from its definition, for one prompt
+    inside transformers' generate (a logits processor that leaves only the chosen token):
+    an answer is `没有` alone or lines `<entity>_<type name>`, each entity a non-empty run of
+    the sentence's characters, no pair twice, spaces at a line's start dropped (one run, in the
+    first token that touches the line). Every line an answer may hold is listed from the sentence
+    text; a token is allowed where the answer can still be finished in the tokens left, counted
+    with the fewest vocabulary tokens that spell the rest of some listed line (a plain dynamic
+    programme over the tokens' bytes). `best_allowed` takes the most likely allowed token;
+    `first_choice`, past the first token, the model's first choice, or the best allowed one where
+    that is refused only for the budget, else the end of the answer. EOS loses `eos_penalty`."""
+
+    NONE = "没有".encode()
+
+    def __init__(self, token_bytes, eos_id, sentence, names, max_new_tokens, policy, eos_penalty):
+        self.token_bytes, self.eos_id, self.names = token_bytes, eos_id, names
+        self.left, self.policy, self.eos_penalty = max_new_tokens, policy, eos_penalty
+        lines = {(sentence[i:j], name): f"{sentence[i:j]}_{name}".encode()
+                 for i in range(len(sentence)) for j in range(i + 1, len(sentence) + 1) for name in names}
+        self.by_prefix = {}  # bytes a line starts with -> the (pair, line) that start so
+        for pair, line in [(None, self.NONE)] + list(lines.items()):
+            for k in range(len(line) + 1):
+                self.by_prefix.setdefault(line[:k], []).append((pair, line))
+        self.spellings = {b for b in token_bytes if b}
+        self.longest = max(map(len, self.spellings))
+        self.costs = {}
+        self.state = (b"", (), False)  # the line so far, the pairs of the complete lines, spaces given
+        self.prompt = None
+
+    def mincost(self, data):
+        if data not in self.costs:
+            best = [0] + [float("inf")] * len(data)
+            for j in range(1, len(data) + 1):
+                best[j] = min((best[i] + 1 for i in range(max(0, j - self.longest), j) if data[i:j] in self.spellings),
+                              default=float("inf"))
+            self.costs[data] = best[-1]
+        return self.costs[data]
+
+    def cost(self, state):
+        """Fewest tokens that finish the answer from `state` (inf: it cannot be finished)."""
+        if state is None:
+            return float("inf")
+        line, pairs, _ = state
+        return min((self.mincost(full[len(line):]) for pair, full in self.by_prefix.get(line, ())
+                    if (pair is None and not pairs) or (pair is not None and pair not in pairs)), default=float("inf"))
+
+    def after(self, state, data):
+        line, pairs, spaced = state
+        for k, piece in enumerate(data.split(b"\n")):
+            if k:
+                pair = next((pair for pair, full in self.by_prefix.get(line, ()) if full == line and pair), None)
+                if pair is None or pair in pairs:
+                    return None
+                line, pairs, spaced = b"", pairs + (pair,), False
+            if not line and piece.startswith(b" "):
+                if spaced:
+                    return None
+                piece, spaced = piece.lstrip(b" "), True
+            line += piece
+        return line, pairs, spaced
+
+    def fits(self, tok, left):
+        """(allowed, refused only for the budget)."""
+        if tok == self.eos_id:
+            return self.cost(self.state) == 0, False
+        if not self.token_bytes[tok]:
+            return False, False
+        cost = self.cost(self.after(self.state, self.token_bytes[tok]))
+        return cost <= left - 1, left - 1 < cost < float("inf")
+
+    def __call__(self, input_ids, scores):
+        if self.prompt is None:
+            self.prompt = input_ids.shape[1]
+        else:
+            self.state = self.after(self.state, self.token_bytes[int(input_ids[0, -1])])
+        done = input_ids.shape[1] - self.prompt
+        left = self.left - done
+        values = scores[0].clone()
+        values[self.eos_id] -= self.eos_penalty
+        values = values.tolist()
+        order = sorted(range(len(values)), key=lambda t: (-values[t], t))
+        choice = None
+        if self.policy == "first_choice" and done > 0:
+            allowed, over_budget = self.fits(order[0], left)
+            choice = order[0] if allowed else None if over_budget else self.eos_id
+        if choice is None:
+            choice = next((tok for tok in order if self.fits(tok, left)[0]), self.eos_id)
+        out = torch.full_like(scores, float("-inf"))
+        out[0, choice] = 0.0
+        return out
+
+    def finish(self, text):
+        """The complete lines of `text` (`没有` where none is)."""
+        if text == "没有":
+            return text
+        kept, state = [], (b"", (), False)
+        for line in text.split("\n"):
+            ended = self.after(state, line.encode())
+            if ended is None or self.cost(ended) != 0:
+                break
+            kept.append(line)
+            state = self.after(ended, b"\n")
+        return "\n".join(kept).strip() or "没有"
+
+
 @pytest.mark.parametrize("policy, model_kind, eos_penalty", [
     ("best_allowed", "random", 0.0), ("best_allowed", "memorised", 0.0), ("first_choice", "memorised", 0.0),
     ("best_allowed", "random", 2.0), ("first_choice", "memorised", 2.0)])
-def test_grounded_greedy_is_the_processor_in_transformers_generate(policy, model_kind, eos_penalty, request,
-                                                                   tiny_model, msra_dir):
-    """The processor inside transformers' generate sees every logit; the loop with best_allowed
-    computes only the allowed tokens' (the output layer never runs on the whole vocabulary)
-    where the output layer is a plain linear layer (the random model), and runs it whole where
-    it is not (the memorised adapter trains a copy of it: PEFT's modules_to_save)."""
+def test_grounded_greedy_is_the_grammar_chosen_by_brute_force(policy, model_kind, eos_penalty, request, tiny_model,
+                                                             msra_dir):
+    """The own loop's grounded answers are those a brute-force reading of the seed format's
+    definition chooses (BruteForceSeed: no grammar code, every line listed from the sentence),
+    each prompt alone in transformers' generate. The loop with best_allowed computes only the
+    allowed tokens' logits (the output layer never runs on the whole vocabulary) where the
+    output layer is a plain linear layer (the random model), and runs it whole where it is not
+    (the memorised adapter trains a copy of it: PEFT's modules_to_save)."""
     from generation import ner_generate
     from dataset import sentence_of
-    from grounding import GroundedLogitsProcessor, Grounding, answer_states
     from model_utils import load_for_inference, load_model_and_tokenizer
+    from token_bytes import vocab_for
 
     test = load_data(msra_dir["dir"] / "instruct_data" / "test.txt")
     if model_kind == "random":
@@ -110,14 +217,15 @@ def test_grounded_greedy_is_the_processor_in_transformers_generate(policy, model
         model, tokenizer, _ = load_for_inference(str(adapter), device="cpu")
         # Memorised sentences (answers with entities) and unseen ones (where the grammar intervenes).
         records = load_data(request.getfixturevalue("train16"))[:6] + test[:6]
-    grounding = Grounding([sentence_of(r["query"]) for r in records], DEFAULT_LABEL_NAMES, policy, eos_penalty)
-    states = {}
+    token_bytes = vocab_for(tokenizer).token_bytes
+    chosen = {}
 
     def processor_for(i):
-        states[i] = answer_states(tokenizer, grounding, [i], 16)
-        return GroundedLogitsProcessor(states[i])
+        chosen[i] = BruteForceSeed(token_bytes, tokenizer.eos_token_id, sentence_of(records[i]["query"]),
+                                   list(DEFAULT_LABEL_NAMES.values()), 16, policy, eos_penalty)
+        return chosen[i]
 
-    expected = [states[i].finish(0, text) for i, text in
+    expected = [chosen[i].finish(text) for i, text in
                 enumerate(reference(model, tokenizer, prompts_of(tokenizer, records, 16), 16, processor_for))]
     head = (model.get_base_model() if hasattr(model, "get_base_model") else model).get_output_embeddings()
     calls = []
@@ -130,35 +238,65 @@ def test_grounded_greedy_is_the_processor_in_transformers_generate(policy, model
     assert (len(calls) == 0) == (policy == "best_allowed" and model_kind == "random")
 
 
+def _decode_steps(model, run, monkeypatch):
+    """Run `run()` and record, per decode step of the body: its rows, the cache's shared-prefix
+    shapes per layer (rows, tokens; none where the prefix is copied) and the torch.cat calls
+    that join tensors along their token axis (a cache growing by copying itself)."""
+    steps, inside = [], []
+    cat = torch.cat
+
+    def counting_cat(tensors, dim=0, **kwargs):
+        if inside and tensors[0].dim() == 4 and dim in (2, -2) and tensors[0].shape[-2] > 1:
+            steps[-1][2] += 1
+        return cat(tensors, dim, **kwargs)
+
+    def enter(module, args, kwargs):
+        if kwargs["input_ids"].shape[1] == 1:
+            layers = getattr(kwargs.get("cache"), "layers", ())
+            steps.append([kwargs["input_ids"].shape[0],
+                          {tuple(layer.prefix_keys.shape[::2]) for layer in layers if hasattr(layer, "prefix_keys")}, 0])
+            inside.append(True)
+
+    def leave(module, args, kwargs, out):
+        inside.clear()
+
+    monkeypatch.setattr(torch, "cat", counting_cat)
+    hooks = [model.model.register_forward_pre_hook(enter, with_kwargs=True),
+             model.model.register_forward_hook(leave, with_kwargs=True)]
+    try:
+        outputs = run()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return outputs, steps
+
+
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
-def test_decode_steps_write_the_cache_in_place_and_hold_the_prefix_once(arch, tiny_model, train16, tmp_path):
+def test_decode_steps_append_without_copying_the_cache_and_hold_the_prefix_once(arch, tiny_model, train16, tmp_path,
+                                                                              monkeypatch):
     """Each decode step writes its token's keys and values into room reserved after the prompt,
-    where transformers' dynamic cache copies the whole cache to append one token: while no row
-    leaves the batch, the keys of every step live in the same storage (a sliding-window layer
-    too, when the window holds the prompt and answer: Gemma 3 with a 512-token window). The
-    shared prompt prefix is held once for the batch, not copied into every row."""
-    from generation import generate, shared_prefix_length
+    where transformers' dynamic cache joins the whole cache and the new token into a copy
+    (torch.cat along the token axis, every layer, every step): no decode step of the own loop
+    does that (a sliding-window layer neither, when the window holds the prompt and answer:
+    Gemma 3 with a 512-token window), while transformers' generate on the same prompts does.
+    The shared prompt prefix is held once for the batch, not copied into every row."""
+    from generation import Loop, generate, shared_prefix_length
     from model_utils import load_model_and_tokenizer
 
     build(arch, tiny_model, tmp_path / arch, **({"sliding_window": 512} if arch == "gemma3" else {}))
     model, tokenizer = load_model_and_tokenizer(str(tmp_path / arch), dtype="float32", device="cpu")
     prompts = prompts_of(tokenizer, load_data(train16)[:4], 12)
     shared = shared_prefix_length(prompts)
-    steps = []  # per decode step: its rows, where each layer's keys are stored, the prefix's shape
-
-    def record(module, args, kwargs):
-        if kwargs["input_ids"].shape[1] == 1:
-            layers = kwargs["cache"].layers
-            steps.append((kwargs["input_ids"].shape[0], [layer.keys.untyped_storage().data_ptr() for layer in layers],
-                          {tuple(layer.prefix_keys.shape[::2]) for layer in layers}))
-    hook = model.model.register_forward_pre_hook(record, with_kwargs=True)
-    outputs = generate(model, tokenizer, prompts, max_new_tokens=12, batch_size=4)
-    hook.remove()
-    assert outputs == reference(model, tokenizer, prompts, 12)
-    same_rows = [(a, b) for a, b in zip(steps, steps[1:]) if a[0] == b[0]]
-    assert len(same_rows) >= 3
-    assert all(a[1] == b[1] for a, b in same_rows)
-    assert shared > 8 and all(prefix == {(1, shared)} for _, _, prefix in steps)  # (rows, tokens) of every layer
+    expected = reference(model, tokenizer, prompts, 12)
+    outputs, steps = _decode_steps(model, lambda: generate(model, tokenizer, prompts, max_new_tokens=12, batch_size=4),
+                                   monkeypatch)
+    assert outputs == expected
+    assert len(steps) >= 3 and sum(copies for _, _, copies in steps) == 0
+    assert shared > 8 and all(prefix == {(1, shared)} for _, prefix, _ in steps)  # (rows, tokens) of every layer
+    outputs, steps = _decode_steps(model, lambda: generate(model, tokenizer, prompts, max_new_tokens=12, batch_size=4,
+                                                           loop=Loop(own=False)), monkeypatch)
+    assert outputs == expected
+    assert all(copies >= model.config.num_hidden_layers for _, _, copies in steps)  # the check sees a copying cache
 
 
 def test_a_model_off_sdpa_copies_the_prefix_and_answers_the_same(tiny_model, train16):
@@ -184,22 +322,22 @@ def test_prefill_chunks_leave_out_the_padding_their_rows_share():
     """Rows 30 tokens long fill a chunk of 300; a 60-token row would make 300 of 660 tokens
     padding (over an eighth), so the longer rows start their own chunk, 60 wide. Without
     trimming every chunk is the batch's 60 wide: 1152 // 60 = 19 rows fit one chunk."""
-    from generation import _row_chunks
+    from kv_cache import row_chunks
 
     lengths = [30] * 10 + [60] * 5
-    assert _row_chunks(lengths, 1152, trim=True) == [(0, 10, 30), (10, 15, 60)]
-    assert _row_chunks(lengths, 1152, trim=False) == [(0, 15, 60)]
-    assert _row_chunks(lengths, 600, trim=False) == [(0, 10, 60), (10, 15, 60)]
+    assert row_chunks(lengths, 1152, trim=True) == [(0, 10, 30), (10, 15, 60)]
+    assert row_chunks(lengths, 1152, trim=False) == [(0, 15, 60)]
+    assert row_chunks(lengths, 600, trim=False) == [(0, 10, 60), (10, 15, 60)]
     # Below 256 tokens a chunk takes a longer row whatever its padding; the budget still holds.
-    assert _row_chunks([5, 5, 50], 1152, trim=True) == [(0, 3, 50)]
-    assert _row_chunks([40, 40, 40], 100, trim=True) == [(0, 2, 40), (2, 3, 40)]
+    assert row_chunks([5, 5, 50], 1152, trim=True) == [(0, 3, 50)]
+    assert row_chunks([40, 40, 40], 100, trim=True) == [(0, 2, 40), (2, 3, 40)]
 
 
 def test_packed_linears_compute_the_layers_and_leave_nothing_behind(tiny_model):
     """Inside packed_linears every plain linear layer runs on its packed weight (the model's
     logits are the plain ones to float rounding); outside, the layers are the plain modules
     again and a changed weight is used as it is, not a stale packed copy."""
-    from generation import packed_linears
+    from packed_linears import packed_linears
     from model_utils import load_model_and_tokenizer
 
     model, _ = load_model_and_tokenizer(tiny_model, dtype="float32", device="cpu")

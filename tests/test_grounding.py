@@ -35,7 +35,8 @@ def tokenizer(tiny_model):
 
 @pytest.fixture(scope="module")
 def grammar(tokenizer):
-    from grammar import SeedGrammar, vocab_for
+    from grammar import SeedGrammar
+    from token_bytes import vocab_for
 
     return SeedGrammar(vocab_for(tokenizer), SENTENCE, DEFAULT_LABEL_NAMES)
 
@@ -62,7 +63,7 @@ def complete(grammar, *texts):
 
 
 def test_token_bytes_decode_like_the_tokenizer(tokenizer):
-    from grammar import vocab_for
+    from token_bytes import vocab_for
 
     vocab = vocab_for(tokenizer)
     rng = random.Random(0)
@@ -151,7 +152,7 @@ def test_leading_space_and_spaces_inside_lines(grammar):
 
 
 def test_byte_tokens_inside_an_entity(grammar, tokenizer):
-    from grammar import vocab_for
+    from token_bytes import vocab_for
 
     byte = {b: vocab_for(tokenizer).ids_of[bytes([b])] for b in "鑫".encode()}
     assert all(byte.values())  # byte fallback gives a token for each byte of 鑫
@@ -203,7 +204,8 @@ def explore():
 
 
 def test_mid_answer_a_broken_first_choice_ends_the_answer(tiny_model):
-    from grammar import SeedGrammar, vocab_for
+    from grammar import SeedGrammar
+    from token_bytes import vocab_for
     from model_utils import load_tokenizer
 
     tok = load_tokenizer(tiny_model)
@@ -265,7 +267,7 @@ def test_eos_penalty_moves_only_the_end_of_the_list(tokenizer, policy, restricte
     """After a complete line the model ranks EOS 1.0 above a newline: EOS stands until the
     penalty exceeds that margin. Mid-line the choice is the same with or without a penalty.
     Scores over the whole vocabulary or only the grammar's tokens."""
-    from grammar import vocab_for
+    from token_bytes import vocab_for
     from grounding import Grounding, answer_states
 
     vocab = vocab_for(tokenizer)
@@ -283,9 +285,9 @@ def test_eos_penalty_moves_only_the_end_of_the_list(tokenizer, policy, restricte
             ids = answers.token_ids("cpu")
             scores = scores[:, ids]
         before = scores.clone()
-        chosen = answers.choose([0], scores, restricted=restricted)[0]
+        chosen = answers.next_tokens([0], scores, restricted=restricted)[0]
         assert torch.equal(scores, before)  # the caller's scores are left as they were
-        return min(chosen)
+        return chosen
 
     line = _own(tokenizer, "北京_地名")
     for penalty, expected in [(0.0, vocab.eos_id), (0.9, vocab.eos_id), (1.1, newline), (5.0, newline)]:
@@ -382,7 +384,7 @@ def test_memorised_adapter_outputs_are_unchanged(memorised_trainer, train16, msr
 
     model, tok, train_args = load_for_inference(str(memorised_trainer / "adapter_model"), device="cpu")
     records = load_data(train16) + load_data(msra_dir["dir"] / "instruct_data" / "test.txt")[:8]
-    plain = ner_generate(model, tok, train_args, records, batch_size=8, max_new_tokens=48)[0]
+    plain = ner_generate(model, tok, train_args, records, batch_size=8, max_new_tokens=48, grounded=False)[0]
     grounded = ner_generate(model, tok, train_args, records, batch_size=8, max_new_tokens=48, grounded=True)[0]
     sentences = [r["query"].removeprefix("文本：") for r in records]
     for p, g, s in zip(plain, grounded, sentences):
@@ -395,7 +397,8 @@ def test_memorised_adapter_outputs_are_unchanged(memorised_trainer, train16, msr
     memorised = [r["answer"] for r in load_data(train16)]
     assert grounded[:16] == memorised  # non-trivial: 12 of them name entities
     # A budget too small for the memorised answers: plain output is cut mid-line, grounded is not.
-    short_plain = ner_generate(model, tok, train_args, records[:16], batch_size=8, max_new_tokens=6)[0]
+    short_plain = ner_generate(model, tok, train_args, records[:16], batch_size=8, max_new_tokens=6,
+                              grounded=False)[0]
     short = ner_generate(model, tok, train_args, records[:16], batch_size=8, max_new_tokens=6, grounded=True)[0]
     assert any(not _parses(p, s) for p, s in zip(short_plain, sentences))
     for g, s in zip(short, sentences):

@@ -51,7 +51,8 @@ def test_greedy_outputs_do_not_depend_on_batch_size(loaded, mixed_records):
     from generation import ner_generate
 
     model, tokenizer, train_args = loaded
-    results = [ner_generate(model, tokenizer, train_args, mixed_records, batch_size=b, max_new_tokens=24)[0]
+    results = [ner_generate(model, tokenizer, train_args, mixed_records, batch_size=b, max_new_tokens=24,
+                            grounded=False)[0]
                for b in (1, 5, 12)]
     assert results[0] == results[1] == results[2]
     assert len(set(results[0])) > 3  # different prompts, different answers: not a degenerate check
@@ -64,9 +65,9 @@ def test_shared_prefix_cache_gives_the_same_outputs(loaded, mixed_records):
     model, tokenizer, train_args = loaded
     prompts = [NerCollate(train_args, tokenizer).inference_ids(r, 24)[0] for r in mixed_records]
     assert shared_prefix_length(prompts) > 30  # template + instruction are really shared and cached
-    plain = ner_generate(model, tokenizer, train_args, mixed_records, batch_size=5, max_new_tokens=24,
+    plain = ner_generate(model, tokenizer, train_args, mixed_records, batch_size=5, max_new_tokens=24, grounded=False,
                          prefix_cache=False)[0]
-    cached = ner_generate(model, tokenizer, train_args, mixed_records, batch_size=5, max_new_tokens=24,
+    cached = ner_generate(model, tokenizer, train_args, mixed_records, batch_size=5, max_new_tokens=24, grounded=False,
                           prefix_cache=True)[0]
     assert cached == plain
 
@@ -75,13 +76,13 @@ def test_greedy_ignores_the_models_generation_defaults(loaded, mixed_records):
     from generation import ner_generate
 
     model, tokenizer, train_args = loaded
-    before = ner_generate(model, tokenizer, train_args, mixed_records, max_new_tokens=24)[0]
+    before = ner_generate(model, tokenizer, train_args, mixed_records, max_new_tokens=24, grounded=False)[0]
     config = model.generation_config
     saved = (config.repetition_penalty, config.no_repeat_ngram_size)
     # As a base model's generation_config.json may ask; answers copy input words on purpose.
     config.repetition_penalty, config.no_repeat_ngram_size = 5.0, 2
     try:
-        after = ner_generate(model, tokenizer, train_args, mixed_records, max_new_tokens=24)[0]
+        after = ner_generate(model, tokenizer, train_args, mixed_records, max_new_tokens=24, grounded=False)[0]
     finally:
         config.repetition_penalty, config.no_repeat_ngram_size = saved
     assert after == before

@@ -244,3 +244,16 @@ def test_tokenizer_saved_beside_the_adapter_is_used(tiny_model, tmp_path):
     model, loaded, _ = load_for_inference(str(adapter), device="cpu")
     assert len(loaded) == TINY_VOCAB + 1 and loaded.pad_token == "[PAD]"
     assert model.get_input_embeddings().weight.shape[0] == TINY_VOCAB + 1
+
+
+def test_the_loader_does_not_import_the_grammar():
+    """Training loads its model through model_utils; the inference config (infer_config.py) and
+    the grammar it names the policies of stay out of that import."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    code = "import sys, model_utils; print(sorted({'infer_config', 'grounding', 'grammar'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

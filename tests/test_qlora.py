@@ -82,7 +82,7 @@ def test_qlora_adapter_reloads_in_plain_peft(memorised_qlora, train16):
     (128, 48, torch.bfloat16, False),  # output size not a multiple of the 32-row packing
 ])
 def test_bf16_cpu_path_kept_only_where_it_computes_what_was_asked(in_features, out_features, compute_dtype, kept):
-    from model_utils import keep_4bit_numerics
+    from quantization import keep_4bit_numerics
 
     layer = bnb.nn.Linear4bit(in_features, out_features, bias=False, compute_dtype=compute_dtype,
                               quant_type="nf4", compress_statistics=True).to("cpu")

@@ -99,7 +99,8 @@ def base_model(tiny_model):
 
 
 def test_grammar_and_parser_agree_on_line_breaks(base_model):
-    from grammar import SeedGrammar, vocab_for
+    from grammar import SeedGrammar
+    from token_bytes import vocab_for
 
     _, tokenizer = base_model
     for brk in BREAKS:
