@@ -158,7 +158,7 @@ GEMMA_SCORE_CMD = $(PY) test.py --lora_model=$(GEMMA_RUN)/adapter_model --test_p
 GEMMA_PREDICT_CMD = $(PY) predict.py --lora_model=$(GEMMA_RUN)/adapter_model --input_file=$(DEMO_DATA)/test.txt \
 	--limit=3 --eos_penalty=$(GEMMA_EOS_PENALTY) --dtype=$(GEMMA_EVAL_DTYPE) --grounding_policy=$(GEMMA_POLICY) \
 	--output_file=$(GEMMA_PREDICTED)
-CORE_CODE := config_utils.py dataset.py model_utils.py chat_template.py answer_format.py
+CORE_CODE := config_utils.py dataset.py files.py model_utils.py chat_template.py answer_format.py
 TRAIN_CODE := $(CORE_CODE) train_trainer.py train_core.py build.py loss.py run_folder.py
 EVAL_CODE := $(CORE_CODE) generation.py grounding.py grammar.py metrics.py run_folder.py
 

@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))  # run as `python model_hub/<script>.py`: the proj
 import torch  # noqa: E402
 
 from config_utils import ConfigError, parse_config, require_keys, run_cli  # noqa: E402
-from dataset import share_files, write_json  # noqa: E402
+from files import share_files, write_json  # noqa: E402
 from model_utils import (  # noqa: E402
     check_model_dir, load_model_and_tokenizer, model_type_of, quantized_weights, read_train_args,
 )
