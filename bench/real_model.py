@@ -43,6 +43,7 @@ def run_real_model(cfg, peak):
     tokens = sum(run_tokens(b, True) for b in timed)
     trained = sum(int((b["labels"][:, 1:] != -100).sum()) for b in timed)  # positions whose logits the loss needs
     context = sum(int(b["attention_mask"].sum()) for b in timed) / sum(len(b["input_ids"]) for b in timed)
+    # The body on every token run; the output layer (forward and input gradient) where the loss needs it.
     flops = tokens * flops_per_token(body, context, training=True) + trained * 4 * vocab * hidden
     for stats in train.values():
         stats["mfu"] = flops / stats["seconds"] / peak
