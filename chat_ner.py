@@ -16,7 +16,8 @@ import sys
 
 from config_utils import ConfigError, UserError, check_writable, parse_config, run_cli
 from answer_format import DEFAULT_INSTRUCT
-from dataset import QUERY_PREFIX, DataError, check_prompt_style, encode_prompt, encode_text, read_text, write_json
+from dataset import QUERY_PREFIX, DataError, check_prompt_style, encode_prompt, encode_text, read_text
+from files import write_json
 from quantization import check_quantization_name
 
 BANNER = """+ 该模式下仅支持单轮问答，无多轮对话能力。空行、Ctrl-D 或 Ctrl-C 退出。

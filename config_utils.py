@@ -340,7 +340,7 @@ def require_keys(cfg, *keys):
     return cfg
 
 
-# The outputs this process has put in place (dataset.commit_files notes them), so that an
+# The outputs this process has put in place (files.commit_files notes them), so that an
 # interrupted run can say truthfully what it wrote.
 _WRITTEN = []
 

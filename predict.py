@@ -14,7 +14,8 @@ from pathlib import Path
 from config_utils import ConfigError, check_writable, parse_config, run_cli
 from answer_format import NO_ENTITY, copy_text, parse
 from dataset import (COLUMN_DEFAULTS, QUERY_PREFIX, DataError, PromptEncoder, encode_text, load_data, read_text,
-                     sentence_of, write_jsonl)
+                     sentence_of)
+from files import write_jsonl
 from metrics import mention_spans
 from generation import ner_generate
 from infer_config import (INFER_DEFAULTS, answer_format_for, check_infer_config, instruct_for, label_names_for,

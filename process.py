@@ -29,7 +29,8 @@ from tqdm import tqdm
 
 from config_utils import ConfigError, parse_config, run_cli
 from answer_format import ANSWER_FORMATS, LINE_BREAK, entity_problem, label_name_problem, ner_instruct, write_answer
-from dataset import DATA_INFO_FILE, QUERY_PREFIX, DataError, check_surrogates, read_text, write_json, write_jsonl
+from dataset import DATA_INFO_FILE, QUERY_PREFIX, DataError, check_surrogates, read_text
+from files import write_json, write_jsonl
 
 MSRA_TRAIN_SENTENCES = 50658  # sentences 0..50657 of msra.txt are the standard training text
 

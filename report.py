@@ -106,7 +106,7 @@ def sentence_rows(examples):
 def write_report(path, metrics, examples):
     """metrics: test.py's metrics.json dict (with its `mention` level); examples: as for
     metrics.score_mentions. Writes one HTML file and returns its path."""
-    from dataset import atomic_write_text
+    from files import atomic_write_text
 
     atomic_write_text(path, render_report(metrics, examples))
     return path

@@ -26,14 +26,14 @@ from pathlib import Path
 import torch
 
 from config_utils import ConfigError, UserError, check_writable
-from dataset import refuse_link
+from files import refuse_link
 from model_utils import TRAIN_ARGS_FILE, check_model_dir
 
 ADAPTER_DIR = "adapter_model"  # finetuning=lora: <save_dir>/adapter_model/ (adapter + tokenizer + train_args.json)
 MODEL_DIR = "model"  # finetuning=full: <save_dir>/model/ (whole model, loadable wherever an adapter folder is)
 
 
-# test.py's outputs, metrics.json last: it marks a complete evaluation (dataset.commit_files).
+# test.py's outputs, metrics.json last: it marks a complete evaluation (files.commit_files).
 EVAL_OUTPUTS = ("predictions.jsonl", "report.html", "metrics.json")
 
 

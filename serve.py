@@ -12,26 +12,18 @@ and answer settings with the server's counters, GET /health says it is up (never
 
 Requests that arrive together are answered together: every text waits in one queue, and one
 thread, the only one that touches the model, takes what arrived within --batch_wait_ms (up to
---batch_size texts) and runs one generation batch over them.
+--batch_size texts) and runs one generation batch over them (serve_batching.py). The page and its
+headers are serve_page.py's; this module is the HTTP side: settings, request checks, routes.
 Starlette (the ASGI toolkit FastAPI is built on) with uvicorn: routing, responses and a graceful
 stop come from them; bodies are read and checked here so that every refusal is one line.
 """
 import asyncio
 import collections
-import concurrent.futures
-import hashlib
 import hmac
-import html
 import ipaddress
 import json
 import signal
 import socket
-import sys
-import threading
-import time
-import traceback
-from base64 import b64encode
-from pathlib import Path
 from urllib.parse import urlsplit
 
 from config_utils import ConfigError, UserError, parse_config, run_cli
@@ -39,6 +31,8 @@ from dataset import QUERY_PREFIX
 from infer_config import (INFER_DEFAULTS, answer_format_for, check_infer_config, instruct_for, label_names_for,
                           recorded_args)
 from model_utils import is_full_model
+from serve_batching import Batcher, Busy
+from serve_page import page_headers, page_html
 
 DEFAULTS = {
     **INFER_DEFAULTS,
@@ -65,10 +59,6 @@ class BadRequest(Exception):
     def __init__(self, status, message):
         super().__init__(message)
         self.status = status
-
-
-class Busy(Exception):
-    pass
 
 
 # --------------------------------------------------------------------------- config
@@ -172,288 +162,6 @@ def read_request(body, max_text_chars, max_texts):
 def _json_type(value):
     return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
         type(value), "number")
-
-
-# --------------------------------------------------------------------------- batching
-
-class _Job:
-    """One request's texts and where their results go."""
-
-    def __init__(self, texts):
-        self.texts = texts
-        self.results = [None] * len(texts)
-        self.left = len(texts)
-        self.future = concurrent.futures.Future()
-
-    def done(self):
-        return self.future.done()
-
-    def finish(self):
-        self._settle(self.future.set_result, self.results)
-
-    def fail(self, error):
-        self._settle(self.future.set_exception, error)
-
-    def _settle(self, setter, value):
-        # The request may have been cancelled (its client went away) at any moment: nothing to answer then.
-        try:
-            setter(value)
-        except concurrent.futures.InvalidStateError:
-            pass
-
-
-class Batcher:
-    """A queue of texts and the one thread that runs the model over them.
-
-    `run(texts)` -> one result per text (it owns the model: nothing else calls it). The thread
-    takes the first waiting text, waits up to `max_wait` seconds for more while fewer than
-    `batch_size` wait, and runs them as one batch; a request with more texts than a batch holds
-    spans several. When a batch raises, each request in it is run again on its own, so only
-    the request that fails gets the error.
-    """
-
-    def __init__(self, run, batch_size, max_wait, max_queue):
-        self.run, self.batch_size, self.max_wait, self.max_queue = run, batch_size, max_wait, max_queue
-        self.queue = collections.deque()  # (job, index of the text in the job)
-        self.cond = threading.Condition()
-        self.stopping = False
-        self.thread = None
-        self.counts = {"requests": 0, "texts": 0, "batches": 0, "largest_batch": 0, "failed_requests": 0,
-                       "batches_retried_per_request": 0}
-        self.batch_sizes = collections.Counter()  # texts per batch -> batches
-
-    def start(self):
-        self.thread = threading.Thread(target=self._loop, name="batcher", daemon=True)
-        self.thread.start()
-        return self
-
-    def submit(self, texts):
-        """Queue a request's texts -> a concurrent.futures.Future of their results (in order)."""
-        job = _Job(list(texts))
-        with self.cond:
-            if self.stopping:
-                raise Busy("the server is stopping")
-            if len(self.queue) + len(job.texts) > self.max_queue:
-                raise Busy(f"{len(self.queue)} texts are waiting (at most {self.max_queue}); try again shortly")
-            self.queue.extend((job, i) for i in range(len(job.texts)))
-            self.counts["requests"] += 1
-            self.counts["texts"] += len(job.texts)
-            self.cond.notify()
-        return job.future
-
-    def stats(self):
-        with self.cond:
-            return {**self.counts, "queued": len(self.queue),
-                    "texts_per_batch": {str(k): v for k, v in sorted(self.batch_sizes.items())}}
-
-    def stop(self, timeout=None):
-        """Finish the batch in hand; requests still waiting are failed (the server no longer answers)."""
-        with self.cond:
-            self.stopping = True
-            left, self.queue = list(self.queue), collections.deque()
-            self.cond.notify_all()
-        for job, _ in left:
-            job.fail(Busy("the server stopped before this request was answered"))
-        if self.thread is not None:
-            self.thread.join(timeout)
-
-    def _take(self):
-        with self.cond:
-            while not self.queue and not self.stopping:
-                self.cond.wait()
-            deadline = time.monotonic() + self.max_wait
-            while len(self.queue) < self.batch_size and not self.stopping:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self.cond.wait(left)
-            batch = []
-            while self.queue and len(batch) < self.batch_size:
-                job, i = self.queue.popleft()
-                if not job.done():  # a request that failed already or whose client went away
-                    batch.append((job, i))
-            return batch
-
-    def _loop(self):
-        while not self.stopping:
-            batch = self._take()
-            if batch:
-                self._answer(batch)
-
-    def _answer(self, batch):
-        with self.cond:
-            self.counts["batches"] += 1
-            self.counts["largest_batch"] = max(self.counts["largest_batch"], len(batch))
-            self.batch_sizes[len(batch)] += 1
-        by_job = collections.defaultdict(list)
-        for job, i in batch:
-            by_job[job].append((job, i))
-        try:
-            self._deliver(batch, self.run([job.texts[i] for job, i in batch]))
-            return
-        except Exception as e:  # noqa: BLE001 - one bad request must not fail the others: retried apart below
-            if len(by_job) == 1:
-                self._fail(batch[0][0], e)
-                return
-        with self.cond:
-            self.counts["batches_retried_per_request"] += 1
-        for job, items in by_job.items():
-            try:
-                self._deliver(items, self.run([job.texts[i] for _, i in items]))
-            except Exception as e:  # noqa: BLE001 - this request's own failure, reported to it alone
-                self._fail(job, e)
-
-    def _deliver(self, items, results):
-        for (job, i), result in zip(items, results, strict=True):
-            job.results[i] = result
-            job.left -= 1
-            if job.left == 0:
-                job.finish()
-
-    def _fail(self, job, error):
-        if not isinstance(error, UserError):
-            traceback.print_exception(error, file=sys.stderr)
-        with self.cond:
-            self.counts["failed_requests"] += 1
-        job.fail(error)
-
-
-# --------------------------------------------------------------------------- the page
-
-PAGE_STYLE = """
-h1{margin:.2em 0}.cols{display:flex;gap:1.5em;align-items:flex-start;flex-wrap:wrap}.main{flex:1 1 30em}
-.side{flex:1 1 22em;min-width:0}textarea{width:100%;box-sizing:border-box;font-size:1.1em;padding:.4em}
-button{font-size:1em;padding:.3em 1.2em;margin:.4em .6em .4em 0}pre{background:#f6f6f6;border:1px solid #ddd;
-padding:.6em;margin:0;overflow:auto;max-height:70vh;white-space:pre-wrap;word-break:break-all}
-mark{padding:0 .1em;border-radius:.2em;color:inherit}.err{color:#b00}#marked{margin:.6em 0;white-space:pre-wrap}
-.chip .k{font-size:.8em;color:#555;margin-left:.3em}
-"""
-
-# Every string from an answer or the label set reaches the page through textContent, data-*
-# attributes or createTextNode, never innerHTML: nothing a text, an entity or a type name holds
-# can become markup or script. Offsets are Python's, in code points; JavaScript strings count
-# UTF-16 units, so the text is split into code points (Array.from) before any offset is used.
-PAGE_SCRIPT = """
-const labels = JSON.parse(document.getElementById('labels').textContent);
-const codes = Object.keys(labels);
-const PALETTE = ['#c8f0c8', '#ffd59a', '#b8d8f8', '#f6b3b3', '#e0b3f6', '#fff0a0', '#b3efe6', '#f7c6a3'];
-const colour = t => codes.includes(t) ? PALETTE[codes.indexOf(t) % PALETTE.length] : '#ddd';
-const $ = id => document.getElementById(id);
-function el(tag, cls, text) {
-  const e = document.createElement(tag);
-  if (cls) e.className = cls;
-  if (text !== undefined) e.textContent = text;
-  return e;
-}
-function chip(text, type, note) {
-  const c = el('span', 'chip', text);
-  c.style.background = colour(type);
-  c.dataset.type = type;
-  c.append(el('span', 'k', note));
-  return c;
-}
-function legend(counts) {
-  const box = $('legend');
-  box.replaceChildren();
-  for (const t of new Set([...codes, ...Object.keys(counts)]))
-    box.append(chip(labels[t] || t, t, t + (t in counts ? ' ×' + counts[t] : '')));
-}
-function show(rec) {
-  const chars = Array.from(rec.text);
-  const cover = new Array(chars.length).fill(null);
-  // Longer entities first: a name inside a longer one does not split it.
-  const spans = rec.entities.filter(e => e.begin >= 0)
-    .sort((a, b) => (b.end - b.begin) - (a.end - a.begin) || a.begin - b.begin);
-  for (const s of spans) for (let c = s.begin; c < s.end; c++) if (cover[c] === null) cover[c] = s;
-  const box = $('marked');
-  box.replaceChildren();
-  for (let c = 0; c < chars.length;) {
-    let d = c + 1;
-    while (d < chars.length && cover[d] === cover[c]) d++;
-    const piece = chars.slice(c, d).join(''), s = cover[c];
-    if (s) {
-      const m = el('mark', '', piece);
-      m.style.background = colour(s.type);
-      m.dataset.type = s.type;
-      m.title = labels[s.type] || s.type;
-      box.append(m);
-    } else box.append(document.createTextNode(piece));
-    c = d;
-  }
-  const counts = {}, seen = new Set(), chips = $('chips');
-  chips.replaceChildren();
-  for (const e of rec.entities) {
-    counts[e.type] = (counts[e.type] || 0) + 1;
-    const key = JSON.stringify([e.entity, e.type]);
-    if (seen.has(key)) continue;
-    seen.add(key);
-    chips.append(chip(e.entity, e.type, (labels[e.type] || e.type) + (e.begin < 0 ? ' · not in the text' : '')));
-  }
-  legend(counts);
-  const n = rec.entities.length;
-  $('status').textContent = (n === 1 ? '1 entity' : n + ' entities') + (rec.windows > 1 ? ', read in ' + rec.windows + ' windows' : '');
-}
-async function run() {
-  const text = $('text').value;
-  $('error').textContent = '';
-  $('status').textContent = '…';
-  $('go').disabled = true;
-  try {
-    const r = await fetch('ner', {method: 'POST', headers: {'Content-Type': 'application/json'},
-                                  body: JSON.stringify({text})});
-    const body = await r.json();
-    $('json').textContent = JSON.stringify(body, null, 2);
-    if (!r.ok) throw new Error(body.error || r.statusText);
-    show(body);
-  } catch (e) {
-    $('status').textContent = '';
-    $('error').textContent = String(e.message || e);
-  } finally {
-    $('go').disabled = false;
-  }
-}
-$('go').addEventListener('click', run);
-$('text').addEventListener('keydown', e => { if (e.key === 'Enter' && (e.ctrlKey || e.metaKey)) run(); });
-legend({});
-"""
-
-
-def page_html(info):
-    from report import STYLE, script_json
-
-    model = info["adapter"] or info["base_model"]
-    body = f"""<!DOCTYPE html>
-<html lang="zh"><head><meta charset="utf-8"><title>NER: {html.escape(Path(str(model)).name)}</title>
-<style>{STYLE}{PAGE_STYLE}</style></head><body>
-<h1>NER</h1>
-<p class="n">base model {html.escape(str(info["base_model"]))}; adapter {html.escape(str(info["adapter"] or "none"))};
-answers {"grounded (" + html.escape(info["answer"]["grounding_policy"]) + ")" if info["answer"]["grounded"] else "not grounded"},
-at most {info["answer"]["max_new_tokens"]} tokens per window.</p>
-<div class="cols"><div class="main">
-<textarea id="text" rows="6" placeholder="输入一段中文文本 / type a Chinese text">去年，我们又被评为“北京市首届家庭藏书状元明星户”。</textarea>
-<div><button id="go">识别 / Find entities</button><span id="status" class="n"></span> <span id="error" class="err"></span></div>
-<div id="legend"></div>
-<div id="marked" class="t"></div>
-<div id="chips"></div>
-</div><div class="side"><pre id="json"></pre></div></div>
-<script type="application/json" id="labels">{script_json(info["label_names"])}</script>
-<script>{PAGE_SCRIPT}</script>
-</body></html>
-"""
-    return body
-
-
-def _csp_hash(text):
-    return "'sha256-" + b64encode(hashlib.sha256(text.encode("utf-8")).digest()).decode() + "'"
-
-
-def page_headers(page):
-    """The page runs its own script and style and nothing else: no other script, no inline handler,
-    no request but to this server (so it works offline and an injected tag could not run)."""
-    style = page.split("<style>", 1)[1].split("</style>", 1)[0]
-    csp = (f"default-src 'none'; script-src {_csp_hash(PAGE_SCRIPT)}; style-src {_csp_hash(style)}; "
-           f"connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
-    return {"Content-Security-Policy": csp, "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
 
 
 # --------------------------------------------------------------------------- the app

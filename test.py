@@ -20,8 +20,8 @@ from pathlib import Path
 
 from answer_format import DEFAULT_ANSWER_FORMAT, parse
 from config_utils import ConfigError, check_writable, parse_config, run_cli
-from dataset import (DataError, columns_of, commit_files, json_text, jsonl_text, load_data, read_data_info, read_text,
-                     sentence_of)
+from dataset import DataError, columns_of, load_data, read_data_info, read_text, sentence_of
+from files import commit_files, json_text, jsonl_text
 from metrics import bootstrap_f1, format_table, mention_spans, score, score_mentions
 from infer_config import (INFER_DEFAULTS, answer_format_for, check_infer_config, label_names_for, load_from_config,
                           recorded_args)

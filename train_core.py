@@ -15,7 +15,8 @@ import torch
 from build import ALL_LINEAR, load_datasets_checked, training_device, training_dtype
 from config_utils import ConfigError, parse_config
 from answer_format import DEFAULT_ANSWER_FORMAT, DEFAULT_LABEL_NAMES
-from dataset import COLUMN_DEFAULTS, PROMPT_STYLES, check_prompt_style, read_data_info, staged_folder, write_json
+from dataset import COLUMN_DEFAULTS, PROMPT_STYLES, check_prompt_style, read_data_info
+from files import staged_folder, write_json
 from loss import LOSS_VOCABULARIES
 from model_utils import TRAIN_ARGS_FILE, check_model_dir, meta_model
 from quantization import check_quantization

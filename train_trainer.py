@@ -18,7 +18,7 @@ import torch
 
 from build import build_datasets, build_model, load_training_tokenizer, training_dtype
 from config_utils import ConfigError, run_cli
-from dataset import share_files
+from files import share_files
 from loss import batch_loss
 from run_folder import (TRAINER_CHECKPOINTS, output_dir, prepare_save_dir, resolve_resume,
                         verify_deepspeed_checkpoint)

@@ -20,9 +20,8 @@ import os
 
 # The one-at-a-time row runs in this process's main thread, the server's generation in a worker
 # thread. With OpenMP's default spinning wait, a busy machine slowed the main thread's parallel
-# regions many times over and the worker's not (beside a training job: 7.1 against 0.48 s a
-# sentence, same model and code); waiting passively, both took 0.55 s. Set before torch loads, and
-# inherited by the server.
+# regions many times over and the worker's not; waiting passively, both ran alike (the times:
+# BENCHMARKS.md, "Figures behind code choices"). Set before torch loads, and inherited by the server.
 if __name__ == "__main__":
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
@@ -38,9 +37,9 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT / "bench"), str(ROOT)]  # `bench` is bench/bench.py, not the folder
+sys.path[:0] = [str(ROOT / "bench"), str(ROOT)]  # bench/'s modules, then the checkout's
 
-from bench import LOAD_MARKER as MARKER, build_random_model, machine, relative_paths  # noqa: E402  (bench/bench.py)
+from common import LOAD_MARKER as MARKER, build_random_model, machine, relative_paths  # noqa: E402  (bench/common.py)
 from config_utils import parse_config, run_cli  # noqa: E402
 from dataset import QUERY_PREFIX, load_data  # noqa: E402
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from config_utils import UserError
-from dataset import share_files, write_json
+from files import share_files, write_json
 
 
 class ModelHubError(UserError):

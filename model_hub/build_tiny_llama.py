@@ -26,7 +26,8 @@ if str(ROOT) not in sys.path:
 
 from config_utils import ConfigError, parse_config, run_cli  # noqa: E402
 from answer_format import DEFAULT_INSTRUCT  # noqa: E402
-from dataset import QUERY_PREFIX, build_prompt, share_files  # noqa: E402
+from dataset import QUERY_PREFIX, build_prompt  # noqa: E402
+from files import share_files  # noqa: E402
 
 DEFAULTS = {
     "output_dir": str(ROOT / "model_hub" / "tiny-llama"),

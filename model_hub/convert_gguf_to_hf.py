@@ -40,7 +40,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as `python model_hub/<script>.py`: the project's modules live one up
 
 from config_utils import check_writable, parse_config, require_keys, run_cli  # noqa: E402
-from dataset import PromptError, refuse_link, remove_leftovers, staged_folder, staging_prefix  # noqa: E402
+from dataset import PromptError  # noqa: E402
+from files import refuse_link, remove_leftovers, staged_folder, staging_prefix  # noqa: E402
 from model_utils import dtype_from_name  # noqa: E402
 from model_hub._llama_layout import ModelHubError, check_output_dir, dtype_name, parse_size  # noqa: E402
 

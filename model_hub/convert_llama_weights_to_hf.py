@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as `python model_hub/<script>.py`: the project's modules live one up
 
 from config_utils import parse_config, require_keys, run_cli  # noqa: E402
-from dataset import write_json  # noqa: E402
+from files import write_json  # noqa: E402
 from model_utils import dtype_from_name  # noqa: E402
 from model_hub._llama_layout import (  # noqa: E402
     IGNORED_TENSORS, ModelHubError, check_output_dir, dtype_name, has_tokenizer,

@@ -1,12 +1,23 @@
-"""The benchmark's model-FLOPs arithmetic and the load bench's statistics, against counts done by hand."""
+"""The benchmark's model-FLOPs arithmetic and the load bench's statistics, against counts done by hand
+or by torch's own FLOP counter; the demo's settings as make and the benchmark read them."""
 import json
+import os
+import shutil
+import subprocess
 
 import pytest
 import torch
 
 from conftest import ROOT, load_script
 
-bench = load_script("bench/bench")
+bench = load_script("bench/bench")  # puts bench/ on the path: its modules import as below
+import common  # noqa: E402
+import demo_settings  # noqa: E402
+import flops  # noqa: E402
+import real_model  # noqa: E402
+import results_md  # noqa: E402
+import then_and_now  # noqa: E402
+import train_speed  # noqa: E402
 
 
 def test_model_shape_counts_matmul_weights_by_hand(tmp_path):
@@ -17,40 +28,57 @@ def test_model_shape_counts_matmul_weights_by_hand(tmp_path):
     # Per layer: q, k, v, o 64x64 each; gate, up 64x128 and down 128x64; plus lm_head 64x100.
     # The input embedding is a lookup, not a matmul: not counted.
     per_layer = 4 * 64 * 64 + 3 * 64 * 128
-    assert bench.model_shape(str(tmp_path)) == (2 * per_layer + 64 * 100, 2, 64)
+    assert flops.model_shape(str(tmp_path)) == (2 * per_layer + 64 * 100, 2, 64)
     # The real-model section counts the body apart from the output layer (vocabulary 100).
-    assert bench.body_shape(str(tmp_path)) == (2 * per_layer, 2, 64, 100)
+    assert flops.body_shape(str(tmp_path)) == (2 * per_layer, 2, 64, 100)
 
 
 def test_real_model_section_is_skipped_in_one_line_without_the_model(tmp_path, capsys):
     cfg = bench.parse_config(bench.DEFAULTS, {"real_model_dir": str(tmp_path / "absent")})
-    assert bench.run_real_model(cfg, 1e9) is None
+    assert real_model.run_real_model(cfg, 1e9) is None
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and out[0].startswith("real-model section skipped: no model in")
 
 
-def test_flops_per_token_by_hand():
-    shape = (1000, 2, 8)  # N, layers, hidden
-    # Forward: 2N + attention 4*L*d*T = 2000 + 4*2*8*10 = 2640.
-    assert bench.flops_per_token(shape, 10, training=False) == 2640
-    # LoRA training: 4N + 3 * 4*L*d*T = 4000 + 1920 = 5920.
-    assert bench.flops_per_token(shape, 10, training=True) == 5920
+@pytest.mark.parametrize("tokens", [1, 10, 33])
+def test_flops_per_token_matches_torchs_flop_counter(tmp_path, tokens):
+    """The model FLOPs of one T-token sequence, as torch counts them on a real forward (and, for
+    LoRA training, a backward through frozen weights: input gradients only), against
+    T * flops_per_token(shape, T). Eager attention, so the counter sees its two matmuls."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, attn_implementation="eager")
+    config.save_pretrained(tmp_path)
+    shape = flops.model_shape(str(tmp_path))
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    ids = torch.randint(0, 100, (1, tokens))
+    with torch.no_grad(), FlopCounterMode(display=False) as forward:
+        model(ids)
+    assert forward.get_total_flops() == tokens * flops.flops_per_token(shape, tokens, training=False)
+
+    model.requires_grad_(False)  # frozen base weights; LoRA's own are negligible and left out
+    model.enable_input_require_grads()  # what LoRA training does: gradients flow to the inputs
+    with FlopCounterMode(display=False) as step:
+        model(ids, labels=ids).loss.backward()
+    assert step.get_total_flops() == tokens * flops.flops_per_token(shape, tokens, training=True)
 
 
-def test_measured_cpu_peak_is_matmul_flops_over_the_best_time(monkeypatch):
+def test_measured_cpu_peak_is_matmul_flops_over_the_best_time(peak, monkeypatch):
     """On a clock that advances 0.25 s per reading, every matmul takes 0.25 s: the peak is the
     FLOPs torch's own counter gives a 2048x2048 matmul, divided by 0.25."""
     from torch.utils.flop_counter import FlopCounterMode
 
     ticks = iter(range(10 ** 6))
-    monkeypatch.setattr(bench.time, "perf_counter", lambda: 0.25 * next(ticks))
-    monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: False)
-    flops, source = bench.peak_flops("fp32")
+    monkeypatch.setattr(peak.time, "perf_counter", lambda: 0.25 * next(ticks))
+    measured, source = peak.peak_flops("fp32")
     with FlopCounterMode(display=False) as counter:
         a = torch.empty(2048, 2048, device="meta")
         torch.mm(a, a)
     assert counter.get_total_flops() == 2 * 2048 ** 3  # one multiply and one add per inner-product term
-    assert flops == counter.get_total_flops() / 0.25
+    assert measured == counter.get_total_flops() / 0.25
     assert source == "measured 2048x2048 float32 matmul in this run"
 
 
@@ -60,9 +88,9 @@ def test_training_timings_of_runs_no_longer_than_the_warmup(tiny_model, train16,
     cfg = bench.parse_config(bench.DEFAULTS, {"train_path": str(train16), "train_examples": 16,
                                               "train_batch_size": 4, "dtype": "fp32"})
     cfg.steps = steps
-    tcfg = bench.train_config(cfg, str(tiny_model), str(tmp_path / "run"), True, 256)
-    trainer_stats, counting = bench.run_trainer(tcfg)
-    bare_stats = bench.run_bare(tcfg, counting.batches[:steps])
+    tcfg = train_speed.train_config(cfg, str(tiny_model), str(tmp_path / "run"), True, 256)
+    trainer_stats, counting = train_speed.run_trainer(tcfg)
+    bare_stats = train_speed.run_bare(tcfg, counting.batches[:steps])
     for stats in (trainer_stats, bare_stats):
         assert stats["seconds"] > 0
         assert stats["examples_per_second"] == pytest.approx(4 / stats["seconds"])
@@ -111,36 +139,67 @@ def test_memory_table_counts_what_bitsandbytes_stores(tiny_model, mode):
     assert stored == memory.quantized_bytes(linears, mode)
 
 
-def test_test_py_then_and_now_runs_both_scripts_on_one_seeded_sample(tmp_path, tiny_model, memorised_trainer,
-                                                                     train16, capsys):
-    """With HEAD as the baseline the two test.py runs are the same code on the same flags: their
-    answers must agree, on the sentences of the seeded sample drawn here independently."""
+def _repository_with_a_changed_commit(tmp_path, path, old, new):
+    """A git repository of this checkout's files (tracked and new, as they are now) whose one commit
+    holds a deliberately changed copy (`old` replaced by `new` in `path`) and whose working tree is
+    today's code again: (the repository, the commit)."""
+    repo = tmp_path / "repo"
+    listed = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                            capture_output=True, check=True).stdout.decode().split("\0")
+    for name in filter(None, listed):
+        if (ROOT / name).is_file():
+            (repo / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, repo / name)
+    today = (repo / path).read_text(encoding="utf-8")
+    assert today.count(old) == 1
+    (repo / path).write_text(today.replace(old, new), encoding="utf-8")
+    git = ["git", "-C", str(repo), "-c", "user.name=bench test", "-c", "user.email=bench@test", "-c",
+           "commit.gpgsign=false"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
+    for args in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "a changed copy"]):
+        subprocess.run(git + args, check=True, env=env)
+    commit = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True, check=True, env=env).stdout.strip()
+    (repo / path).write_text(today, encoding="utf-8")
+    return repo, commit
+
+
+def test_test_py_then_and_now_runs_the_commits_test_py_and_todays(tmp_path, tiny_model, memorised_trainer,
+                                                                 train16, capsys, monkeypatch):
+    """The baseline commit is a changed copy of today's code (answers cut at 2 new tokens by
+    default): its run must show the cut answers and a lower F1, today's run the whole answers,
+    both on the sentences of the seeded sample drawn here independently."""
     import json
     import random
 
     from dataset import sentence_of
 
+    repo, commit = _repository_with_a_changed_commit(
+        tmp_path, "model_utils.py", '"max_new_tokens": 64,', '"max_new_tokens": 2,')
+    monkeypatch.setattr(then_and_now, "ROOT", repo)
     options = {"real_eval_examples": 8, "real_eval_batch_size": 4, "real_demo_batch_size": 8,
-               "test_path": str(train16), "work_dir": str(tmp_path), "real_baseline_commit": "HEAD"}
+               "test_path": str(train16), "work_dir": str(tmp_path / "work"), "real_baseline_commit": commit}
     cfg = bench.parse_config(bench.DEFAULTS, options)
     adapter = str(memorised_trainer / "adapter_model")
-    result = bench.run_test_py_then_and_now(cfg, adapter, str(tiny_model))
+    result = then_and_now.run_test_py_then_and_now(cfg, adapter, str(tiny_model))
     lines = train16.read_text(encoding="utf-8").splitlines()
-    expected = [json.loads(lines[i])["query"] for i in sorted(random.Random(0).sample(range(16), 8))]
+    expected = [json.loads(lines[i]) for i in sorted(random.Random(0).sample(range(16), 8))]
 
     def answers(name):
-        rows = [json.loads(line) for line in (tmp_path / "then-and-now" / name / "predictions.jsonl").open()]
-        assert [r["text"] for r in rows] == [sentence_of(q) for q in expected]
+        rows = [json.loads(line) for line in (tmp_path / "work" / "then-and-now" / name / "predictions.jsonl").open()]
+        assert [r["text"] for r in rows] == [sentence_of(e["query"]) for e in expected]
         return [r["output"] for r in rows]
 
-    assert answers("then") == answers("now")
-    answers("then_batch16"), answers("now_demo")
-    assert result["examples"] == 8 and result["then"]["f1"] == result["now"]["f1"]
+    # Today's test.py gives the memorised answers; the commit's stops after 2 tokens.
+    assert answers("now") == [e["answer"] for e in expected]
+    assert answers("then") != answers("now") and answers("then") == answers("then_batch16")
+    assert result["then"]["f1"] < result["now"]["f1"] == 1.0
+    answers("now_demo")
+    assert result["examples"] == 8
     assert result["now_demo"]["batch_size"] == 8 and result["now_demo"]["eos_penalty"] == cfg.real_eos_penalty
     assert result["speedup"] == result["now"]["examples_per_second"] / result["then"]["examples_per_second"]
 
     cfg = bench.parse_config(bench.DEFAULTS, {**options, "real_baseline_commit": "0" * 40})
-    assert bench.run_test_py_then_and_now(cfg, adapter, str(tiny_model)) is None
+    assert then_and_now.run_test_py_then_and_now(cfg, adapter, str(tiny_model)) is None
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and out[0].startswith(f"test.py then-and-now skipped: git cannot read commit {'0' * 40}")
 
@@ -168,8 +227,7 @@ def peak(monkeypatch):
     import sys
 
     monkeypatch.syspath_prepend(str(bench.ROOT / "bench"))
-    for name in ("bench", "peak"):
-        monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.delitem(sys.modules, "peak", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     return importlib.import_module("peak")
 
@@ -214,20 +272,20 @@ def test_real_model_section_skips_emulated_bf16_and_writes_relative_paths(tiny_m
         "real_eval_examples": 4, "real_eval_batch_size": 4, "real_demo_batch_size": 4, "real_baseline_commit": "",
         "work_dir": str(tmp_path / "work"), "dtype": "fp32"})
     cfg.steps = 1  # as main sets it
-    monkeypatch.setattr(bench, "native_bf16", lambda: (False, "no avx512_bf16 or amx_bf16 flag"), raising=False)
+    monkeypatch.setattr(real_model, "native_bf16", lambda: (False, "no avx512_bf16 or amx_bf16 flag"))
     # Which variants run is the question here, not their answers: generation is stood in for.
     monkeypatch.setattr("generation.ner_generate", lambda model, tokenizer, args, records, **kw: (
         ["没有"] * len(records), 0))
     with NoLargeBf16Matmul():
-        real = bench.run_real_model(cfg, 1e11)
+        real = real_model.run_real_model(cfg, 1e11)
     assert "merged_bf16" not in real["eval"] and "bf16_speedup" not in real
     assert "bf16 variant (g) skipped: this CPU has no native bf16" in capsys.readouterr().out
-    page = "\n".join(bench.real_model_markdown(real))
+    page = "\n".join(results_md.real_model_markdown(real))
     assert "(g) skipped: this CPU has no native bf16" in page
     # Paths inside the checkout are written relative to it: the files are committed.
     inside = {**real, "model": str(bench.ROOT / "model_hub" / "gemma-3-270m"),
               "adapter": str(bench.ROOT / "checkpoint" / "msra" / "gemma" / "adapter_model")}
-    page = "\n".join(bench.real_model_markdown(bench.relative_paths(inside)))
+    page = "\n".join(results_md.real_model_markdown(common.relative_paths(inside)))
     assert str(bench.ROOT) not in page and "model_hub/gemma-3-270m, adapter: checkpoint/msra/gemma/adapter_model" in page
 
 
@@ -257,7 +315,52 @@ def test_load_section_replaces_itself_and_survives_bench_rewriting_the_rest(tmp_
     assert text.startswith("# Benchmarks\n\nthe training table\n") and text.endswith("second run\n")
     # bench.py writes its own sections and keeps the load section as it was.
     results = json.loads((ROOT / "bench" / "results.json").read_text(encoding="utf-8"))
-    bench.write_markdown(md, results, "python bench/bench.py")
+    results_md.write_markdown(md, results, "python bench/bench.py")
     text = md.read_text(encoding="utf-8")
     assert "the training table" not in text and "## Training" in text
     assert text.count(load.MARKER) == 1 and text.endswith("## Serving under load\n\nsecond run\n")
+    # The figures measured by hand, between bench.py's sections and the load section, survive both.
+    figures = common.FIGURES_MARKER + "\n\n## Figures behind code choices\n\n- a figure\n\n"
+    md.write_text(text.replace(load.MARKER, figures + load.MARKER), encoding="utf-8")
+    results_md.write_markdown(md, results, "python bench/bench.py")
+    load.write_section(md, load.MARKER + "\n\n## Serving under load\n\nthird run\n")
+    text = md.read_text(encoding="utf-8")
+    assert text.count(figures) == 1 and text.index(figures) < text.index(load.MARKER)
+    assert text.count("## Training") == 1 and text.endswith("third run\n")
+
+
+def test_committed_benchmarks_keep_the_figures_section_before_the_load_section():
+    text = (ROOT / "BENCHMARKS.md").read_text(encoding="utf-8")
+    assert common.FIGURES_MARKER in text and text.index(common.FIGURES_MARKER) < text.index(common.LOAD_MARKER)
+
+
+# ------------------------------------------------------ make demo's settings: one file, read by make and the bench
+
+def test_demo_settings_are_what_make_reads(monkeypatch):
+    """Every setting demo.mk holds, as make itself expands it (no variable set in the environment),
+    equals what bench/demo_settings.py reads; the real-model section's defaults come from them."""
+    if shutil.which("make") is None:
+        pytest.skip("no make on this machine")
+    settings = demo_settings.read_demo_settings()
+    assert {"GEMMA_DIR", "GEMMA_RUN", "GEMMA_EVAL_BATCH", "SEED_FORMAT_EOS_PENALTY", "SEED_FORMAT_POLICY"} <= set(settings)
+    env = {k: v for k, v in os.environ.items() if k not in settings and not k.startswith("MAKE")}
+    shown = subprocess.run(["make", "-s", "--no-print-directory", "--eval", "_show-%: ; @echo '$*=$($*)'",
+                            *(f"_show-{name}" for name in settings)],
+                           cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout
+    assert dict(line.split("=", 1) for line in shown.splitlines()) == settings
+    assert bench.DEFAULTS["real_model_dir"] == str(ROOT / settings["GEMMA_DIR"])
+    assert bench.DEFAULTS["real_adapter"] == str(ROOT / settings["GEMMA_RUN"] / "adapter_model")
+    assert bench.DEFAULTS["real_demo_batch_size"] == int(settings["GEMMA_EVAL_BATCH"])
+    assert bench.DEFAULTS["real_eos_penalty"] == float(settings["SEED_FORMAT_EOS_PENALTY"])
+    assert bench.DEFAULTS["real_demo_policy"] == settings["SEED_FORMAT_POLICY"]
+
+
+@pytest.mark.parametrize("line", ["GEMMA_STEPS ?= 100  # a why after the value", "GEMMA_RUN ?= $(HOME)/run",
+                                  "ifdef GEMMA_STEPS", "GEMMA_STEPS 100"])
+def test_demo_settings_refuse_what_make_would_read_otherwise(tmp_path, line):
+    path = tmp_path / "demo.mk"
+    path.write_text(f"# why\nGEMMA_BATCH ?= 16\n\n{line}\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"demo\.mk:4: not a plain `NAME \?= value` line"):
+        demo_settings.read_demo_settings(path)
+    path.write_text("# why\nGEMMA_BATCH ?= 16\nGEMMA_LR = 1e-3\n", encoding="utf-8")
+    assert demo_settings.read_demo_settings(path) == {"GEMMA_BATCH": "16", "GEMMA_LR": "1e-3"}
