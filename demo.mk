@@ -5,7 +5,7 @@
 # Format: `NAME ?= value` lines (make's "unless already set": `make demo GEMMA_STEPS=10` or the
 # environment still overrides), each under the comment lines that say why; no comment after a
 # value (make would keep the spaces before it in the value). The budget is 15 minutes at
-# 185 GFLOP/s; the measurements behind each choice are in the README ("The demo").
+# 185 GFLOP/s; the measurements behind each choice are in the docs/demo.md.
 
 # ------------------------------------------------------------------ where
 
@@ -17,7 +17,7 @@ GEMMA_RUN ?= checkpoint/msra/gemma
 # ------------------------------------------------------------------ data (process.py)
 
 # inline (the sentence copied, each entity written [实体|类型]): dev F1 0.741 against 0.612 for
-# seed and typed at the same budget (bench/formats.py; README, "Answer formats").
+# seed and typed at the same budget (bench/formats.py; docs/demo.md, "Answer formats side by side").
 GEMMA_FORMAT ?= inline
 
 # ------------------------------------------------------------------ training (train_trainer.py)

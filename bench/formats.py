@@ -1,4 +1,4 @@
-"""Answer formats side by side on a real model (README, "Answer formats").
+"""Answer formats side by side on a real model (docs/demo.md, "Answer formats side by side").
 
     python bench/formats.py                                  # seed, typed, inline on Gemma 3 270M
     python bench/formats.py --formats=typed --steps=200      # one format, another budget
@@ -41,7 +41,7 @@ DEFAULTS = {
     "dtype": "auto",  # of test.py (bfloat16 where the CPU multiplies it natively)
     "test_sample": 1000,  # seeded test sentences scored with the dev-chosen setting (0: none)
     "full_test": True,  # also all test sentences
-    "output": "bench/formats_results.json",  # the results (committed: README's "Answer formats" table)
+    "output": "bench/formats_results.json",  # the results (committed: docs/demo.md's "Answer formats side by side" table)
 }
 
 

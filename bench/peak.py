@@ -45,7 +45,7 @@ def native_bf16():
 def eval_dtype():
     """'bfloat16' on a CPU that multiplies bf16 natively, else 'auto' (bf16 or fp16 on a GPU, fp32
     on other CPUs): the Gemma demo's evaluation dtype. Generation is matmul-bound there, and bf16
-    answers score as fp32 ones do (README, "Speed on a real model")."""
+    answers score as fp32 ones do (docs/demo.md, "Speed on a real model")."""
     if not native_bf16()[0]:
         return "auto"
     import torch

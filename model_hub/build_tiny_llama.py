@@ -10,7 +10,7 @@ with LLaMA's conventions (<unk>/<s>/</s> = 0/1/2, byte fallback, digits split). 
 default, what the tests use) makes prompts about as many tokens as the real Chinese-LLaMA
 tokenizer; `char` gives one piece per character (plus the template's English words), so entity
 boundaries fall on token boundaries and copying an entity is one token per character, which
-is what lets a model trained from nothing on a CPU learn NER in minutes (README: the demo).
+is what lets a model trained from nothing on a CPU learn NER in minutes (docs/demo.md).
 The model is a randomly initialised `LlamaForCausalLM` of about 1.4-2.5M parameters: with LoRA
 it proves the plumbing (it can memorise a few examples); trained in full on all of MSRA it
 learns real NER. Seeded: the same command gives the same model.
