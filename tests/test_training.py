@@ -258,36 +258,44 @@ def test_mpirun_launches_train_deepspeed(tmp_path, tiny_model, train16):
     assert (tmp_path / "mpi" / "adapter_model" / "adapter_model.safetensors").is_file()
 
 
-def test_shared_prefix_loss_and_gradients_equal_the_plain_forward(tiny_model, train16):
+def lora_model_and_batch(tiny_model, train16, **options):
+    """The tiny model with LoRA (non-zero B, so gradients flow through every projection), in
+    training mode, a batch of 8 training examples and the config."""
     from config_utils import parse_config
-    from loss import loss_free_prefix_length, shared_prefix_loss
     from build import build_datasets, build_model, load_datasets_checked
     from train_core import TRAIN_DEFAULTS
 
     cfg = parse_config(TRAIN_DEFAULTS, {"model_dir": str(tiny_model), "train_path": str(train16), "dev_path": "",
-                                        "lora_dropout": 0.0, "lora_modules_to_save": "embed_tokens,lm_head"})
+                                        "lora_dropout": 0.0, **options})
     records, _ = load_datasets_checked(cfg)
     model, tokenizer = build_model(cfg)
     for name, p in model.named_parameters():
-        if "lora_B" in name:  # non-zero B, so LoRA gradients flow through every projection
+        if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.02)
     train, _, collate = build_datasets(cfg, tokenizer, records, [])
-    batch = collate.pad([train[i] for i in range(8)])
+    model.train()
+    return cfg, model, tokenizer, collate.pad([train[i] for i in range(8)])
+
+
+def loss_and_grads(model, loss_fn):
+    model.zero_grad()
+    loss = loss_fn()
+    loss.backward()
+    return float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_shared_prefix_loss_and_gradients_equal_the_plain_forward(tiny_model, train16):
+    from loss import loss_free_prefix_length, shared_prefix_loss
+
+    _, model, _, batch = lora_model_and_batch(tiny_model, train16, lora_modules_to_save="embed_tokens,lm_head")
     # The shared part is BOS + template + instruction: count it from the rows themselves.
     rows = batch["input_ids"].tolist()
     common = next(i for i in range(len(rows[0])) if len({r[i] for r in rows}) > 1)
     assert loss_free_prefix_length(batch) == common > 16
-    model.train()
-
-    def loss_and_grads(loss_fn):
-        model.zero_grad()
-        loss = loss_fn()
-        loss.backward()
-        return float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     n_items = int((batch["labels"][:, 1:] != -100).sum())
-    plain, plain_grads = loss_and_grads(lambda: model(**batch, num_items_in_batch=n_items).loss)
-    shared, shared_grads = loss_and_grads(lambda: shared_prefix_loss(model, batch, n_items))
+    plain, plain_grads = loss_and_grads(model, lambda: model(**batch, num_items_in_batch=n_items).loss)
+    shared, shared_grads = loss_and_grads(model, lambda: shared_prefix_loss(model, batch, n_items))
     assert shared == pytest.approx(plain, rel=1e-6)
     assert plain_grads.keys() == shared_grads.keys() and len(plain_grads) > 10
     for name in plain_grads:
@@ -355,28 +363,10 @@ def test_no_entity_fraction_trains_on_the_sentences_with_entities(tmp_path, tiny
 def test_batch_vocabulary_loss_is_the_softmax_over_the_batchs_tokens(tiny_model, train16, share_prefix):
     """loss_vocabulary=batch: cross-entropy of each answer token against the tokens the batch
     holds, computed here from the full logits of the plain forward."""
-    from config_utils import parse_config
     from loss import batch_loss
-    from build import build_datasets, build_model, load_datasets_checked
-    from train_core import TRAIN_DEFAULTS
 
-    cfg = parse_config(TRAIN_DEFAULTS, {"model_dir": str(tiny_model), "train_path": str(train16), "dev_path": "",
-                                        "lora_dropout": 0.0, "loss_vocabulary": "batch", "share_prefix": share_prefix})
-    records, _ = load_datasets_checked(cfg)
-    model, tokenizer = build_model(cfg)
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.02)
-    train, _, collate = build_datasets(cfg, tokenizer, records, [])
-    batch = collate.pad([train[i] for i in range(8)])
-    model.train()
-
-    def loss_and_grads(loss_fn):
-        model.zero_grad()
-        loss = loss_fn()
-        loss.backward()
-        return float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
+    cfg, model, tokenizer, batch = lora_model_and_batch(tiny_model, train16, loss_vocabulary="batch",
+                                                        share_prefix=share_prefix)
     # By hand: the ids every row holds where its mask is 1, as a sorted list of columns.
     columns = sorted({t for row, mask in zip(batch["input_ids"].tolist(), batch["attention_mask"].tolist())
                       for t, m in zip(row, mask) if m})
@@ -389,10 +379,10 @@ def test_batch_vocabulary_loss_is_the_softmax_over_the_batchs_tokens(tiny_model,
         targets = torch.tensor([columns.index(t) for t in labels[labels != -100].tolist()])
         return torch.nn.functional.cross_entropy(picked, targets)
 
-    expected, expected_grads = loss_and_grads(by_hand)
-    got, got_grads = loss_and_grads(lambda: batch_loss(model, batch, cfg))
+    expected, expected_grads = loss_and_grads(model, by_hand)
+    got, got_grads = loss_and_grads(model, lambda: batch_loss(model, batch, cfg))
     assert got == pytest.approx(expected, rel=1e-5)
-    full, _ = loss_and_grads(lambda: model(**batch).loss)
+    full, _ = loss_and_grads(model, lambda: model(**batch).loss)
     assert got < full  # fewer negatives: the restricted softmax gives the targets more mass
     assert expected_grads.keys() == got_grads.keys() and any("lora_A" in n for n in got_grads)
     for name in expected_grads:
