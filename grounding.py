@@ -37,7 +37,7 @@ from token_bytes import INF, vocab_for
 CANDIDATES = 24  # top tokens (by logit) checked first; the wider scan only runs when none fits
 # Greedy decoding's choice past the first token. best_allowed is the default: on a tuned model
 # both score alike and it runs faster; a model that often breaks the grammar mid-answer does
-# better with first_choice (BENCHMARKS.md, "Measured by hand"; README: "Grounded decoding").
+# better with first_choice (BENCHMARKS.md, "Figures behind code choices"; README: "Grounded decoding").
 POLICIES = ("first_choice", "best_allowed")
 DEFAULT_POLICY = "best_allowed"
 
@@ -198,7 +198,7 @@ class AnswerStates:
                 # Mid-answer, the model's first choice breaks the grammar: it is inventing a
                 # string, repeating a pair or drifting from the format. Forcing a less likely
                 # token there names a wrong entity or type (precision fell: BENCHMARKS.md,
-                # "Measured by hand"); ending the answer keeps what was complete (Grammar.finish
+                # "Figures behind code choices"); ending the answer keeps what was complete (Grammar.finish
                 # drops the unfinished line).
                 allowed = [self.vocab.eos_id]
             if not allowed:
