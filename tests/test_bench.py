@@ -174,7 +174,7 @@ def test_test_py_then_and_now_runs_the_commits_test_py_and_todays(tmp_path, tiny
     from dataset import sentence_of
 
     repo, commit = _repository_with_a_changed_commit(
-        tmp_path, "model_utils.py", '"max_new_tokens": 64,', '"max_new_tokens": 2,')
+        tmp_path, "infer_config.py", '"max_new_tokens": 64,', '"max_new_tokens": 2,')
     monkeypatch.setattr(then_and_now, "ROOT", repo)
     options = {"real_eval_examples": 8, "real_eval_batch_size": 4, "real_demo_batch_size": 8,
                "test_path": str(train16), "work_dir": str(tmp_path / "work"), "real_baseline_commit": commit}
