@@ -7,7 +7,7 @@ batch holds (loss_vocabulary=all / batch), timed side by side on a real model:
 The same length-grouped batches of the training data (as the Trainer groups them) run forward
 and backward through loss.batch_loss under each setting in turn, round after round, so a noisy
 machine slows both alike; the figure is the ratio of the summed step times, each setting's
-fastest round. Prints a markdown table (BENCHMARKS.md, "Loss over the batch's tokens").
+fastest round. Prints a markdown table (last run: BENCHMARKS.md, "Figures behind code choices").
 """
 import sys
 import time
