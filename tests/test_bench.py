@@ -364,3 +364,18 @@ def test_demo_settings_refuse_what_make_would_read_otherwise(tmp_path, line):
         demo_settings.read_demo_settings(path)
     path.write_text("# why\nGEMMA_BATCH ?= 16\nGEMMA_LR = 1e-3\n", encoding="utf-8")
     assert demo_settings.read_demo_settings(path) == {"GEMMA_BATCH": "16", "GEMMA_LR": "1e-3"}
+
+
+def test_loss_vocabulary_bench_times_both_losses_on_the_same_batches(tiny_model, train16, capsys):
+    """bench/loss_vocabulary.py: both settings run the same batches; the table names each, and
+    the batch's distinct tokens are far fewer than the vocabulary."""
+    import loss_vocabulary
+
+    best = loss_vocabulary.main([f"--model_dir={tiny_model}", f"--train_path={train16}", "--batch_size=4",
+                                 "--batches=1", "--rounds=1", "--max_seq_length=256"])
+    assert set(best) == {"all", "batch"} and min(best.values()) > 0
+    out = capsys.readouterr().out
+    assert "| all | " in out and "| batch | " in out
+    distinct = int(out.split("tokens in each: ")[1].split(" of ")[0])
+    vocabulary = int(out.split(" of ")[1].split()[0].replace(",", ""))
+    assert 0 < distinct < vocabulary // 4
