@@ -35,7 +35,7 @@ browser:
 test: venv browser
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
 
-# About a minute: everything but the tests marked slow (training, the trained adapter) or
+# About ten minutes: everything but the tests marked slow (training, the trained adapter) or
 # distributed (several processes). CI and `make test` run everything.
 test-fast: venv browser
 	$(PY) -m pytest -q tests -m "not slow and not distributed" $(PYTEST_ARGS)
