@@ -100,7 +100,7 @@ def answer_loss(model, input_ids, attention_mask, labels, num_items_in_batch=Non
             raise ConfigError(f"config key 'loss_vocabulary': batch needs a plain linear output layer; this model's is "
                               f"{type(head).__name__} (use loss_vocabulary=all)")
         hidden = body(input_ids=input_ids, attention_mask=attention_mask, **forward).last_hidden_state[keep]
-        logits = output_logits(model, head, hidden, head_rows(head, vocabulary)).float()
+        logits = output_logits(getattr(model, "module", model), head, hidden, head_rows(head, vocabulary)).float()
         targets = targets.clone()
         targets[keep] = torch.searchsorted(vocabulary, targets[keep])  # token id -> its column
     if num_items_in_batch is None:

@@ -24,7 +24,7 @@ def output_logits(model, head, hidden, rows=None):
     """Output logits of `hidden` (..., hidden) as the model's own forward computes them (Gemma
     2's final soft-capping included): for every token, or for `rows` = head_rows(...) only."""
     logits = head(hidden) if rows is None else torch.nn.functional.linear(hidden, *rows)
-    cap = getattr(getattr(model, "module", model).config, "final_logit_softcapping", None)
+    cap = getattr(model.config, "final_logit_softcapping", None)
     if cap is not None:
         logits = torch.tanh(logits / cap) * cap
     return logits

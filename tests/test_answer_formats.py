@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from answer_format import (ANSWER_FORMATS, DEFAULT_LABEL_NAMES, NO_ENTITY, entity_problem, label_name_problem, parse,
+from answer_format import (ANSWER_FORMATS, DEFAULT_LABEL_NAMES, entity_problem, label_name_problem, parse,
                            write_answer)
 from conftest import MEMORISE, PYTHON, as_argv, load_script, run_cmd, score_adapter
 

@@ -1,7 +1,6 @@
 """What a newcomer meets first: the scripts print no warnings nobody can act on, and a second
 `make demo` redoes only the stages whose inputs or settings changed, and says so.
 """
-import json
 import os
 import subprocess
 import time
